@@ -1,0 +1,3 @@
+"""SETR: SEgmentation TRansformer with PyTorch Lightning + Hydra."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,8 @@
+"""SETR models as plain ``torch.nn.Module`` (nothing of Lightning here)."""
+
+from setr.models.encoder import ENCODERS, ViTEncoder, load_state_dict_file
+from setr.models.heads import LinearAuxHead, MLAHead, MLANeck, UpHead
+from setr.models.setr import SETR, build_setr
+
+__all__ = ["ENCODERS", "SETR", "LinearAuxHead", "MLAHead", "MLANeck", "UpHead", "ViTEncoder", "build_setr",
+           "load_state_dict_file"]

@@ -1,0 +1,247 @@
+"""ViT encoder for SETR, built by timm (never a hand-copied ViT).
+
+The encoder runs timm's patch embedding and transformer blocks itself so that it can
+
+* take any input size: the learned position embeddings are resampled (bilinear by default, as the official
+  SETR code does when it loads weights) whenever the token grid differs from the grid it was built for;
+* drop the prefix tokens before the first block (SETR-MLA) or keep them through the blocks (Naive / PUP);
+* return the raw outputs of the blocks a head asks for as NCHW maps ``(B, C, H/16, W/16)``.
+
+There is no final norm, as in the official backbone: each head (or the MLA neck) applies its own LayerNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from setr.errors import SETRConfigError
+
+# friendly name -> timm architecture. The timm name fixes width, depth and heads; the image size is ours.
+ENCODERS: dict[str, str] = {
+    "vit_large_patch16": "vit_large_patch16_384",  # SETR T-Large: 24 layers, 1024 dim, 16 heads, MLP 4096
+    "vit_base_patch16": "vit_base_patch16_384",  # SETR T-Base: 12 layers, 768 dim, 12 heads
+    "deit_base_distilled_patch16": "deit_base_distilled_patch16_384",  # SETR-*-DeiT (cls + distillation token)
+    "vit_small_patch16": "vit_small_patch16_384",
+    "vit_tiny_patch16": "vit_tiny_patch16_384",
+}
+
+ARCH_OVERRIDES = ("embed_dim", "depth", "num_heads", "mlp_ratio")
+
+
+class ViTEncoder(nn.Module):
+    """A timm ``VisionTransformer`` that returns chosen block outputs as feature maps.
+
+    Args:
+        name: a key of :data:`ENCODERS`.
+        img_size: the input size the position embeddings are built for (the training crop).
+        drop_prefix_tokens: drop cls (and distillation) tokens before the first block (official SETR-MLA).
+        pos_embed_interp: interpolation used when the token grid differs from the built one.
+        drop_rate, attn_drop_rate, drop_path_rate: regularisation (all 0 in the released SETR configs).
+        arch: optional overrides of the architecture (``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``),
+            e.g. for tiny test models.
+        pretrained: path to a local timm ViT checkpoint (``.pth``/``.pt``/``.bin``/``.safetensors``), or None.
+        grad_checkpointing: recompute block activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        name: str = "vit_large_patch16",
+        img_size: int | Sequence[int] = 512,
+        drop_prefix_tokens: bool = False,
+        pos_embed_interp: str = "bilinear",
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        arch: dict | None = None,
+        pretrained: str | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if name not in ENCODERS:
+            raise SETRConfigError(f"model.encoder.name: unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+        arch = dict(arch or {})
+        unknown = set(arch) - set(ARCH_OVERRIDES)
+        if unknown:
+            raise SETRConfigError(
+                f"model.encoder.arch: unknown key(s) {sorted(unknown)}; allowed: {', '.join(ARCH_OVERRIDES)}"
+            )
+        img_size = _pair(img_size, "model.encoder.img_size")
+        self.vit = timm.create_model(
+            ENCODERS[name],
+            pretrained=False,  # weights only ever come from local files (see load_pretrained)
+            img_size=img_size,
+            num_classes=0,
+            global_pool="",
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            dynamic_img_size=True,
+            **arch,
+        )
+        # the official SETR backbone has no final norm: heads and the MLA neck bring their own LayerNorms
+        self.vit.norm = nn.Identity()
+        self.vit.fc_norm = nn.Identity()
+        self.vit.head_drop = nn.Identity()
+        self.name = name
+        self.patch_size = self.vit.patch_embed.patch_size[0]
+        self.embed_dim = self.vit.embed_dim
+        self.depth = len(self.vit.blocks)
+        self.num_prefix_tokens = self.vit.num_prefix_tokens
+        self.grid_size = tuple(self.vit.patch_embed.grid_size)
+        self.drop_prefix_tokens = drop_prefix_tokens
+        self.pos_embed_interp = pos_embed_interp
+        self.grad_checkpointing = grad_checkpointing
+        if pretrained:
+            self.load_pretrained(pretrained)
+
+    # ------------------------------------------------------------------ forward
+    def _prefix_tokens(self, batch: int) -> list[torch.Tensor]:
+        tokens = []
+        for attr in ("cls_token", "dist_token", "reg_token"):
+            t = getattr(self.vit, attr, None)
+            if t is not None:
+                tokens.append(t.expand(batch, -1, -1))
+        return tokens
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, h, w, C) patch embeddings -> (B, prefix + h*w, C) with prefix tokens and position embeddings."""
+        b, h, w, c = x.shape
+        pos = self.vit.pos_embed
+        embed_prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
+        if (h, w) != self.grid_size:
+            pos = resample_abs_pos_embed(
+                pos,
+                new_size=(h, w),
+                old_size=self.grid_size,
+                num_prefix_tokens=embed_prefix,
+                interpolation=self.pos_embed_interp,
+                antialias=False,
+            )
+        x = x.reshape(b, h * w, c)
+        prefix = self._prefix_tokens(b)
+        if self.vit.no_embed_class:
+            x = x + pos
+            x = torch.cat(prefix + [x], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return self.vit.pos_drop(x)
+
+    def forward(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Return the outputs of blocks ``indices`` (0-based, negative counts from the end) as NCHW maps.
+
+        The input height and width must be multiples of the patch size (:class:`setr.models.SETR` pads).
+        """
+        idx = [self.resolve_index(i) for i in indices]
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
+        tokens = self.vit.patch_embed(x)  # (B, h, w, C) because dynamic_img_size=True
+        b, h, w, c = tokens.shape
+        tokens = self._pos_embed(tokens)
+        tokens = self.vit.patch_drop(tokens)
+        tokens = self.vit.norm_pre(tokens)
+        n_prefix = self.num_prefix_tokens
+        if self.drop_prefix_tokens:
+            tokens = tokens[:, n_prefix:]
+            n_prefix = 0
+        wanted = {i: None for i in idx}
+        last = max(idx)
+        for i, block in enumerate(self.vit.blocks):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, use_reentrant=False)
+            else:
+                tokens = block(tokens)
+            if i in wanted:
+                wanted[i] = tokens[:, n_prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2)
+            if i == last:
+                break
+        return [wanted[i] for i in idx]
+
+    def resolve_index(self, i: int) -> int:
+        j = i + self.depth if i < 0 else i
+        if not 0 <= j < self.depth:
+            raise SETRConfigError(
+                f"layer index {i} is out of range for encoder {self.name!r} with {self.depth} blocks "
+                f"(use 0..{self.depth - 1} or negative indices)"
+            )
+        return j
+
+    # ---------------------------------------------------------------- weights
+    def load_pretrained(self, path: str | Path) -> dict[str, list[str]]:
+        """Load a local timm-format ViT checkpoint, resampling position embeddings to this encoder's grid.
+
+        Accepts a plain state dict or one wrapped under ``state_dict`` / ``model``, with or without a
+        ``backbone.`` / ``module.`` prefix. The classifier and final norm are dropped (SETR uses neither).
+        Returns the missing and unexpected keys; a key whose shape does not fit raises :class:`SETRConfigError`.
+        """
+        state = load_state_dict_file(path)
+        state = _strip_prefixes(state, ("module.", "backbone.", "encoder.vit.", "vit."))
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm.", "fc_norm.", "head_dist."))}
+        if "pos_embed" in state:
+            pe = state["pos_embed"]
+            embed_prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
+            n_old = pe.shape[1] - embed_prefix
+            side = int(round(n_old**0.5))
+            if side * side != n_old:
+                raise SETRConfigError(f"{path}: pos_embed has {n_old} patch positions, not a square grid")
+            if (side, side) != self.grid_size:
+                state["pos_embed"] = resample_abs_pos_embed(
+                    pe.float(),
+                    new_size=self.grid_size,
+                    old_size=(side, side),
+                    num_prefix_tokens=embed_prefix,
+                    interpolation=self.pos_embed_interp,
+                    antialias=False,
+                )
+        own = self.vit.state_dict()
+        bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+        if bad:
+            raise SETRConfigError(f"{path}: weights do not fit encoder {self.name!r}: " + "; ".join(bad[:3]))
+        result = self.vit.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(("norm.", "fc_norm.", "head"))]
+        if missing:
+            raise SETRConfigError(f"{path}: checkpoint lacks {len(missing)} encoder weights, e.g. {missing[:3]}")
+        return {"missing": missing, "unexpected": list(result.unexpected_keys)}
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat state dict, with one clear error if it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise SETRConfigError(f"{path}: pretrained weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure becomes one line naming the file
+        raise SETRConfigError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SETRConfigError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def _strip_prefixes(state: dict, prefixes: Sequence[str]) -> dict:
+    for p in prefixes:
+        if state and all(k.startswith(p) for k in state):
+            state = {k[len(p) :]: v for k, v in state.items()}
+    return state
+
+
+def _pair(v, key: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        v = (v, v)
+    v = tuple(int(x) for x in v)
+    if len(v) != 2 or min(v) <= 0:
+        raise SETRConfigError(f"{key}: expected a positive size or (height, width), got {v}")
+    return v

@@ -1,0 +1,159 @@
+"""SETR decoders: Naive / PUP (one :class:`UpHead` family), the MLA neck and head, and the MLA auxiliary head.
+
+Structures follow the official code (fudan-zvg/SETR) by default. mmsegmentation's re-implementation differs in a
+few places; those are constructor switches (``conv_bias``, ``up_scales``, ``align_corners``, ``cls_kernel``,
+``bias``) so its checkpoints can be loaded with identical logits:
+
+==========================  ==============================  ===============================
+what                        official                        mmsegmentation
+==========================  ==============================  ===============================
+Naive                       LN, 1x1 conv+BN+ReLU, cls,      LN, 1x1 conv+BN+ReLU, 4x up,
+                            resize 16x                      cls, resize 4x
+PUP                         4 x (3x3 conv+BN+ReLU), 2x up   4 x (3x3 conv+BN+ReLU+2x up),
+                            after the first three, cls, 2x  then cls
+conv bias (Naive/PUP)       yes                             no
+PUP auxiliary heads         4 (layers 10/15/20/24)          3 (layers 10/15/20)
+MLA 4x up align_corners     True                            False
+MLA classifier              3x3                             1x1
+MLA aux classifier bias     no                              yes
+==========================  ==============================  ===============================
+
+Every head returns logits at its own output resolution; :class:`setr.models.SETR` resizes them to the input
+(bilinear, ``align_corners=False``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from setr.models.norm import ChannelLayerNorm, build_norm
+
+
+class ConvNormAct(nn.Sequential):
+    """conv -> norm -> ReLU, the unit every SETR decoder is made of."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int, bias: bool, norm: str) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=bias),
+            build_norm(norm, cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UpHead(nn.Module):
+    """Naive and PUP heads (main and auxiliary): LN over ViT channels, conv stages with upsampling, classifier.
+
+    Args:
+        in_channels: ViT width (1024 for ViT-L).
+        num_classes: output classes.
+        channels: width of the conv stages (256 in every SETR config).
+        kernel_size: kernel of the conv stages (Naive 1, PUP 3).
+        up_scales: one entry per conv stage: the bilinear upsampling factor after that stage (1 = none).
+            Official Naive ``[1]``, official PUP ``[2, 2, 2, 1]`` (its last 2x is on the logits), PUP aux ``[4]``,
+            mmseg Naive ``[4]``, mmseg PUP ``[2, 2, 2, 2]``.
+        conv_bias: bias in the stage convs (official True, mmseg False).
+        norm: norm layer of the stages (``bn``, ``syncbn``, ``gn``).
+        in_index: which encoder block (or neck output) feeds this head; kept for the model to route inputs.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: int = 256,
+        kernel_size: int = 1,
+        up_scales: Sequence[int] = (1,),
+        conv_bias: bool = True,
+        norm: str = "bn",
+        in_index: int = -1,
+    ) -> None:
+        super().__init__()
+        self.in_index = in_index
+        self.norm = ChannelLayerNorm(in_channels, eps=1e-6)
+        self.up_scales = [int(s) for s in up_scales]
+        if not self.up_scales or min(self.up_scales) < 1:
+            raise ValueError(f"up_scales must be a non-empty list of factors >= 1, got {list(up_scales)}")
+        stages = []
+        cin = in_channels
+        for _ in self.up_scales:
+            stages.append(ConvNormAct(cin, channels, kernel_size, conv_bias, norm))
+            cin = channels
+        self.stages = nn.ModuleList(stages)
+        self.cls = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        for stage, scale in zip(self.stages, self.up_scales):
+            x = stage(x)
+            if scale > 1:
+                x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        return self.cls(x)
+
+
+class MLANeck(nn.Module):
+    """Multi-level feature aggregation neck (official ``Conv_MLA`` with its per-level LayerNorms).
+
+    Inputs: ViT block outputs (shallow to deep). Each gets LN -> 1x1 conv -> BN -> ReLU; the projections are summed
+    top-down from the deepest level; each sum goes through 3x3 conv -> BN -> ReLU. Returns the levels shallow to
+    deep (official p6, p12, p18, p24). Lives outside any ``*head*`` name, so it trains at the backbone's LR as in
+    both reference codes.
+    """
+
+    def __init__(self, in_channels: int, channels: int = 256, num_levels: int = 4, norm: str = "bn",
+                 in_index: Sequence[int] = (5, 11, 17, 23)) -> None:
+        super().__init__()
+        self.in_index = list(in_index)
+        if len(self.in_index) != num_levels:
+            raise ValueError(f"MLA neck needs {num_levels} input layers, got {self.in_index}")
+        self.norms = nn.ModuleList(ChannelLayerNorm(in_channels, eps=1e-6) for _ in range(num_levels))
+        self.proj = nn.ModuleList(ConvNormAct(in_channels, channels, 1, False, norm) for _ in range(num_levels))
+        self.fuse = nn.ModuleList(ConvNormAct(channels, channels, 3, False, norm) for _ in range(num_levels))
+        self.out_channels = channels
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        projected = [p(n(f)) for f, n, p in zip(feats, self.norms, self.proj)]
+        sums: list[torch.Tensor] = [None] * len(projected)  # type: ignore[list-item]
+        acc = None
+        for i in reversed(range(len(projected))):
+            acc = projected[i] if acc is None else acc + projected[i]
+            sums[i] = acc
+        return [f(s) for f, s in zip(self.fuse, sums)]
+
+
+class MLAHead(nn.Module):
+    """SETR-MLA decode head: per level two 3x3 conv+BN+ReLU and a 4x upsample, concatenation, classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 128, num_levels: int = 4,
+                 align_corners: bool = True, cls_kernel: int = 3, up_scale: int = 4, norm: str = "bn") -> None:
+        super().__init__()
+        self.align_corners = align_corners
+        self.up_scale = up_scale
+        self.branches = nn.ModuleList(
+            nn.Sequential(ConvNormAct(in_channels, channels, 3, False, norm),
+                          ConvNormAct(channels, channels, 3, False, norm))
+            for _ in range(num_levels)
+        )
+        self.cls = nn.Conv2d(channels * num_levels, num_classes, cls_kernel, padding=cls_kernel // 2)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        outs = [
+            F.interpolate(b(f), scale_factor=self.up_scale, mode="bilinear", align_corners=self.align_corners)
+            for b, f in zip(self.branches, feats)
+        ]
+        return self.cls(torch.cat(outs, dim=1))
+
+
+class LinearAuxHead(nn.Module):
+    """SETR-MLA auxiliary head: a 1x1 classifier on one neck output (official: no bias; mmseg: bias)."""
+
+    def __init__(self, in_channels: int, num_classes: int, bias: bool = False, in_index: int = 0) -> None:
+        super().__init__()
+        self.in_index = in_index
+        self.cls = nn.Conv2d(in_channels, num_classes, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cls(x)
