@@ -88,6 +88,7 @@ class SyntheticShapes(SegDataset):
             fill = np.full((s, s, 3), colour, np.float32) + rng.normal(0, 12, (s, s, 3))
             image.paste(Image.fromarray(np.clip(fill, 0, 255).astype(np.uint8)), (0, 0), shape_mask)
             mask.paste(cls, (0, 0), shape_mask)
+            edges.paste(0, (0, 0), shape_mask)  # an occluded shape's edge under this one is no longer an edge
             if self.ignore_border:
                 k = 2 * self.ignore_border + 1
                 edge = np.asarray(shape_mask.filter(ImageFilter.MaxFilter(k))) != np.asarray(

@@ -1,0 +1,120 @@
+"""Augmentation pipelines with albumentations, built from config lists.
+
+A pipeline in config is a list of transforms, each a mapping with ``_target_`` (any albumentations transform, or
+one of the SETR-specific ones below) and its arguments; :func:`build_pipeline` instantiates them, appends
+``Normalize`` + ``ToTensorV2`` and wraps them in one ``A.Compose``. The two recipe-specific transforms follow
+mmsegmentation's semantics, which the paper's numbers come from:
+
+* :class:`RandomRescale` = mmseg ``Resize(img_scale, ratio_range, keep_ratio=True)``;
+* :class:`CatMaxRatioCrop` = mmseg ``RandomCrop(crop_size, cat_max_ratio)`` with padding (mask pad 255).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+
+from setr.data.base import IGNORE_INDEX
+from setr.errors import SETRConfigError
+
+
+def rescale_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:
+    """mmcv ``rescale_size`` with keep-ratio: largest size with long side <= max(scale), short <= min(scale)."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(h, w), short_edge / min(h, w))
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+
+
+class RandomRescale(A.DualTransform):
+    """Rescale keeping the aspect ratio to ``img_scale`` times a ratio drawn from ``ratio_range``.
+
+    Image bilinear, mask nearest (as mmseg). ``ratio_range=None`` rescales to ``img_scale`` exactly (the
+    single-scale test resize).
+    """
+
+    class InitSchema(A.core.transforms_interface.BaseTransformInitSchema):
+        img_scale: tuple[int, int]
+        ratio_range: tuple[float, float] | None = None
+
+    def __init__(self, img_scale: Sequence[int], ratio_range: Sequence[float] | None = (0.5, 2.0),
+                 p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.img_scale = tuple(int(s) for s in img_scale)
+        self.ratio_range = tuple(ratio_range) if ratio_range is not None else None
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        ratio = 1.0 if self.ratio_range is None else self.py_random.uniform(*self.ratio_range)
+        scale = (int(self.img_scale[0] * ratio), int(self.img_scale[1] * ratio))
+        return {"size": rescale_size(h, w, scale)}
+
+    def apply(self, img: np.ndarray, size: tuple[int, int] = (0, 0), **params: Any) -> np.ndarray:
+        return cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int] = (0, 0), **params: Any) -> np.ndarray:
+        return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("img_scale", "ratio_range")
+
+
+class CatMaxRatioCrop(A.RandomCrop):
+    """Random crop (padded to size with image 0 / mask 255, bottom-right) whose most frequent class covers at
+    most ``cat_max_ratio`` of the labelled pixels; up to 10 tries, as mmseg's ``RandomCrop``."""
+
+    class InitSchema(A.core.transforms_interface.BaseTransformInitSchema):
+        height: int
+        width: int
+        cat_max_ratio: float = 1.0
+        ignore_index: int = IGNORE_INDEX
+
+    def __init__(self, height: int, width: int, cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX,
+                 p: float = 1.0) -> None:
+        super().__init__(height=height, width=width, pad_if_needed=True, border_mode=cv2.BORDER_CONSTANT,
+                         fill=0, fill_mask=ignore_index, pad_position="top_left", p=p)
+        self.cat_max_ratio = cat_max_ratio
+        self.ignore_index = ignore_index
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        out = super().get_params_dependent_on_data(params, data)
+        mask = data.get("mask")
+        if mask is None or self.cat_max_ratio >= 1.0:
+            return out
+        for _ in range(10):
+            x1, y1, x2, y2 = out["crop_coords"]
+            crop = mask[y1:y2, x1:x2]
+            values, counts = np.unique(crop[crop != self.ignore_index], return_counts=True)
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+            out = super().get_params_dependent_on_data(params, data)
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("height", "width", "cat_max_ratio", "ignore_index")
+
+
+def build_pipeline(steps: Sequence[Mapping] | None, mean: Sequence[float], std: Sequence[float],
+                   key: str = "data.train_pipeline", seed: int | None = None) -> A.Compose:
+    """Instantiate ``steps`` (``_target_`` mappings), then add ``Normalize(mean, std)`` (0-255 scale) and
+    ``ToTensorV2``. Unknown targets or bad arguments raise :class:`SETRConfigError` naming the step."""
+    from hydra.utils import instantiate
+
+    transforms = []
+    for i, step in enumerate(steps or []):
+        if not isinstance(step, Mapping) or "_target_" not in step:
+            raise SETRConfigError(f"{key}[{i}]: each step needs a _target_ (e.g. albumentations.HorizontalFlip)")
+        try:
+            transforms.append(instantiate(dict(step)))
+        except Exception as e:  # noqa: BLE001 - Hydra wraps import and argument errors; report one line
+            cause = e.__cause__ or e
+            raise SETRConfigError(f"{key}[{i}] ({step['_target_']}): {cause}".splitlines()[0]) from e
+    transforms += [
+        A.Normalize(mean=[m / 255.0 for m in mean], std=[s / 255.0 for s in std], max_pixel_value=255.0),
+        ToTensorV2(),
+    ]
+    return A.Compose(transforms, seed=seed)

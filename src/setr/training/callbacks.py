@@ -1,0 +1,68 @@
+"""Callbacks that need Lightning: W&B segmentation samples and per-class tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+
+def _wandb_loggers(trainer: L.Trainer) -> list[Any]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+class WandbSegmentationLogger(L.Callback):
+    """On rank 0, after each validation: ``num_samples`` fixed validation images with predicted and ground-truth
+    masks (``wandb.Image(..., masks=...)`` with class labels) and a per-class IoU table. No-op without W&B."""
+
+    def __init__(self, num_samples: int = 4) -> None:
+        self.num_samples = num_samples
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loggers = _wandb_loggers(trainer)
+        if not loggers or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        import wandb
+
+        hp = pl_module.hparams
+        labels = {i: n for i, n in enumerate(hp.class_names)}
+        labels[hp.ignore_index] = "ignore"
+        ds = trainer.datamodule.datasets.get("val") if trainer.datamodule is not None else None
+        images = []
+        if ds is not None:
+            mean = torch.tensor(hp.mean).view(3, 1, 1)
+            std = torch.tensor(hp.std).view(3, 1, 1)
+            was_training = pl_module.training
+            pl_module.eval()
+            for i in range(min(self.num_samples, len(ds))):
+                sample = ds[i]
+                img = sample["image"].to(pl_module.device)
+                mask = sample["mask"]
+                with torch.no_grad():
+                    logits = pl_module.predict_logits(img[None], [tuple(mask.shape)])[0]
+                pred = logits.argmax(0).cpu().numpy().astype(np.uint8)
+                if img.shape[-2:] != mask.shape:
+                    img = torch.nn.functional.interpolate(img[None], size=tuple(mask.shape), mode="bilinear")[0]
+                rgb = (img.cpu() * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+                images.append(wandb.Image(rgb, masks={
+                    "predictions": {"mask_data": pred, "class_labels": labels},
+                    "ground_truth": {"mask_data": mask.numpy().astype(np.uint8), "class_labels": labels},
+                }, caption=f"val sample {i}"))
+            pl_module.train(was_training)
+        scores = pl_module.last_scores.get("val", {}).get("scores")
+        table = None
+        if scores is not None:
+            table = wandb.Table(columns=["class", "IoU", "Acc"], data=[
+                [n, float(iou), float(acc)] for n, iou, acc in zip(hp.class_names, scores["iou"], scores["acc"])
+            ])
+        for lg in loggers:
+            payload = {"trainer/global_step": trainer.global_step}
+            if images:
+                payload["val/samples"] = images
+            if table is not None:
+                payload["val/per_class"] = table
+            lg.experiment.log(payload)

@@ -1,0 +1,143 @@
+"""The Lightning data module: one class for every dataset of the registry, pipelines from config."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from setr.data import build_dataset, build_pipeline
+from setr.data.base import SegDataset
+from setr.errors import SETRConfigError
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation sampler for several processes: each rank takes every world_size-th sample, with no padding.
+
+    Lightning's default distributed sampler repeats samples to even out the shards, which would count them twice
+    in the metrics; with this one a multi-process evaluation scores exactly the samples a single process scores.
+    """
+
+    def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack when every image (and mask) has one size; otherwise keep lists (original-size validation labels)."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            same = len({tuple(v.shape) for v in values}) == 1
+            out[key] = torch.stack(values) if same else values
+        else:
+            out[key] = torch.as_tensor(values) if isinstance(values[0], (int, float)) else values
+    return out
+
+
+class SegDataModule(L.LightningDataModule):
+    """Builds train / val / test datasets of ``cfg.name`` with the configured pipelines.
+
+    Args:
+        cfg: the ``data`` config node (see ``conf/data/synthetic.yaml`` for every key).
+        seed: seeds the augmentation pipeline and the train shuffling.
+    """
+
+    def __init__(self, cfg: Mapping, seed: int | None = None) -> None:
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.seed = seed
+        for key in ("batch_size", "val_batch_size"):
+            v = self.cfg.get(key, 1)
+            if not isinstance(v, int) or v < 1:
+                raise SETRConfigError(f"data.{key}: must be a positive integer, got {v!r}")
+        self.datasets: dict[str, SegDataset] = {}
+
+    def _dataset(self, split: str) -> SegDataset:
+        if split in self.datasets:
+            return self.datasets[split]
+        cfg = self.cfg
+        kwargs = dict(cfg.get("dataset") or {})
+        if split != "train":
+            kwargs.update(cfg.get("val_dataset") or {})
+        if cfg.get("root") is not None:
+            kwargs["root"] = str(cfg["root"])
+        steps = cfg.get("train_pipeline") if split == "train" else cfg.get("val_pipeline")
+        key = "data.train_pipeline" if split == "train" else "data.val_pipeline"
+        transform = build_pipeline(steps, cfg["mean"], cfg["std"], key=key, seed=self.seed)
+        ds = build_dataset(cfg["name"], split, transform=transform,
+                           keep_original_mask=split != "train" and bool(cfg.get("val_keep_original_mask", False)),
+                           skip_bad=bool(cfg.get("skip_bad", False)), **kwargs)
+        if len(ds) == 0:
+            raise SETRConfigError(f"data: the {split} split of {cfg['name']!r} is empty (root: {cfg.get('root')})")
+        if ds.num_classes != cfg["num_classes"]:
+            raise SETRConfigError(
+                f"data.num_classes: {cfg['num_classes']} but dataset {cfg['name']!r} has {ds.num_classes} classes")
+        self.datasets[split] = ds
+        return ds
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.cfg.get("class_names") or self._dataset("val").class_names)
+
+    @property
+    def palette(self) -> list[list[int]]:
+        return [list(c) for c in self._dataset("val").palette]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self._dataset("train")
+        if stage in (None, "fit", "validate"):
+            self._dataset("val")
+        if stage in (None, "test"):
+            self._dataset("test")
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            return trainer.world_size, trainer.global_rank
+        return 1, 0
+
+    def _loader(self, ds: SegDataset, batch_size: int, train: bool) -> DataLoader:
+        workers = int(self.cfg.get("num_workers", 0))
+        world, rank = self._world()
+        sampler = None
+        if world > 1:
+            sampler = (DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed or 0, drop_last=True)
+                       if train else ShardSampler(ds, world, rank))
+        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train and len(ds) >= batch_size * world,
+            num_workers=workers,
+            pin_memory=bool(self.cfg.get("pin_memory", False)),
+            persistent_workers=bool(self.cfg.get("persistent_workers", False)) and workers > 0,
+            collate_fn=collate,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("train"), self.cfg["batch_size"], train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("val"), self.cfg.get("val_batch_size", 1), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test"), self.cfg.get("val_batch_size", 1), train=False)
+
+    def steps_per_epoch(self) -> int:
+        world, _ = self._world()
+        return max(1, math.floor(len(self._dataset("train")) / (self.cfg["batch_size"] * world)))

@@ -1,0 +1,1 @@
+"""Run utilities for the entry points: config checks, instantiation, resume, DDP under Hydra, output."""

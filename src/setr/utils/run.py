@@ -1,0 +1,237 @@
+"""Helpers shared by src/train.py and src/eval.py (everything here may know of Hydra and Lightning)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Mapping
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from setr.errors import SETRConfigError
+
+log = logging.getLogger("setr")
+
+
+# ------------------------------------------------------------------------------------------ errors
+def main_guard(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Wrap a task so a :class:`SETRConfigError` ends the process with ONE line on stderr and exit code 2, and
+    an active W&B run is always finished (so each job of a ``-m`` sweep gets its own run)."""
+
+    @wraps(fn)
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return fn(cfg)
+        except SETRConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        finally:
+            finish_wandb()
+
+    return wrapper
+
+
+def finish_wandb() -> None:
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Catch the common config mistakes before anything heavy happens; each raises one clear line."""
+    for key in ("data", "model"):
+        if key not in cfg or cfg[key] is None:
+            raise SETRConfigError(f"{key}: missing config group; pick one with {key}=<name>")
+    if "optimizer" in cfg:
+        lr = cfg.optimizer.get("lr")
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise SETRConfigError(f"optimizer.lr: must be a positive number, got {lr!r}")
+    try:
+        OmegaConf.to_container(cfg.data, resolve=True)
+        OmegaConf.to_container(cfg.model, resolve=True)
+    except Exception as e:  # noqa: BLE001 - interpolation errors name the key
+        raise SETRConfigError(f"config: {str(e).splitlines()[0]}") from e
+
+
+def extras(cfg: DictConfig) -> None:
+    ex = cfg.get("extras") or {}
+    # Lightning prints through its own console handler; Hydra's root handlers already show (and file) it
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+    if ex.get("ignore_warnings"):
+        for pattern in (
+            ".*does not have many workers.*",
+            ".*The number of training batches.*",
+            ".*find_unused_parameters.*",
+            ".*torch.cuda.amp.*",
+            ".*`isinstance\\(treespec, LeafSpec\\)`.*",
+            ".*Experiment logs directory .* exists and is not empty.*",
+            ".*Checkpoint directory .* exists and is not empty.*",
+        ):
+            warnings.filterwarnings("ignore", message=pattern)
+    if ex.get("print_config") and is_rank_zero():
+        print_config(cfg)
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0 and \
+        int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def print_config(cfg: DictConfig) -> None:
+    from rich import print as rprint
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    order = ["data", "model", "optimizer", "trainer", "callbacks", "logger", "paths"]
+    for key in order + [k for k in cfg if k not in order]:
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+        tree.add(f"[bold]{key}[/bold]").add(text.rstrip())
+    rprint(tree)
+
+
+# ------------------------------------------------------------------------------------- instantiate
+def instantiate_group(cfg: Mapping | None, group: str) -> list[Any]:
+    """Instantiate each ``_target_`` node of a group (callbacks, logger), naming the entry on failure."""
+    from hydra.utils import instantiate
+
+    objs = []
+    for name, node in (cfg or {}).items():
+        if isinstance(node, Mapping) and "_target_" in node:
+            try:
+                objs.append(instantiate(node))
+            except Exception as e:  # noqa: BLE001
+                cause = e.__cause__ or e
+                raise SETRConfigError(f"{group}.{name}: {str(cause).splitlines()[0]}") from e
+    return objs
+
+
+def cpu_only(trainer_cfg: Mapping) -> bool:
+    acc = str(trainer_cfg.get("accelerator", "auto"))
+    return acc == "cpu" or (acc == "auto" and not torch.cuda.is_available())
+
+
+# -------------------------------------------------------------------------------------------- resume
+def find_last_checkpoint(log_dir: str | Path, task_name: str = "train") -> Path | None:
+    """The newest ``checkpoints/last.ckpt`` under ``<log_dir>/<task_name>/runs`` and ``.../multiruns``."""
+    base = Path(log_dir) / task_name
+    found = [p for p in base.glob("runs/*/checkpoints/last.ckpt")] + list(base.glob("multiruns/*/*/checkpoints/last.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def apply_auto_resume(argv: list[str]) -> list[str]:
+    """``resume=auto`` on the command line: point ``hydra.run.dir`` at the newest run with a ``last.ckpt`` so the
+    run continues in its own folder (same CSV / W&B run). Run before Hydra parses the command line.
+    ``resume=<run dir>`` picks that run explicitly."""
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv[1:] if "=" in a and not a.startswith("-")}
+    value = args.get("resume")
+    if value in (None, "null", "None") or "hydra.run.dir" in args or "-m" in argv or "--multirun" in argv:
+        return argv
+    if value == "auto":
+        root = Path(os.environ.get("PROJECT_ROOT", "."))
+        log_dir = Path(args.get("paths.log_dir", root / "logs"))
+        last = find_last_checkpoint(log_dir, args.get("task_name", "train"))
+        if last is None:
+            print(f"resume=auto: no last.ckpt under {log_dir}; starting a new run", file=sys.stderr)
+            return argv
+        run_dir = last.parent.parent
+    else:
+        run_dir = Path(value)
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            print(f"error: resume={value}: {run_dir / 'checkpoints' / 'last.ckpt'} not found", file=sys.stderr)
+            raise SystemExit(2)
+    return argv + [f"hydra.run.dir={run_dir.resolve()}"]
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    if cfg.get("ckpt_path"):
+        p = Path(str(cfg.ckpt_path))
+        if not p.is_file():
+            raise SETRConfigError(f"ckpt_path: checkpoint {p} not found")
+        return str(p)
+    if cfg.get("resume"):
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("resuming from %s", last)
+            return str(last)
+    return None
+
+
+# ----------------------------------------------------------------------------------- DDP under Hydra
+def patch_lightning_hydra_ddp() -> None:
+    """Make Lightning's DDP child processes join this Hydra job instead of starting their own.
+
+    Lightning re-runs the script for ranks > 0 with the original command line plus ``hydra.run.dir``. Under a
+    ``-m`` sweep that command line is the whole sweep (every child would launch a sweep of its own and the run
+    hangs) and ``hydra.run.dir`` is a fresh timestamped folder. Here children get this job's own overrides, its
+    output folder, no ``.hydra`` subfolder and no log file of their own.
+    """
+    from lightning.pytorch.strategies.launchers import subprocess_script as pl_launcher
+
+    def hydra_ddp_cmd(local_rank: int) -> tuple[list[str], str]:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.utils import get_original_cwd, to_absolute_path
+
+        hc = HydraConfig.get()
+        command = [sys.executable, to_absolute_path(sys.argv[0]), *hc.overrides.task]
+        command += [
+            f'hydra.run.dir="{hc.runtime.output_dir}"',
+            f"hydra.job.name={hc.job.name}_rank{local_rank}",
+            "hydra.output_subdir=null",
+            "hydra/job_logging=disabled",
+            "hydra/hydra_logging=disabled",
+            "extras.print_config=false",
+        ]
+        return command, get_original_cwd()
+
+    pl_launcher._hydra_subprocess_cmd = hydra_ddp_cmd
+
+
+# -------------------------------------------------------------------------------------------- output
+def collect_metrics(callback_metrics: Mapping[str, Any], prefixes=("train/", "val/", "test/")) -> dict[str, float]:
+    out = {}
+    for k, v in callback_metrics.items():
+        if not k.startswith(prefixes):
+            continue
+        v = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+    return dict(sorted(out.items()))
+
+
+def write_metrics(metrics: Mapping[str, Any], output_dir: str | Path, name: str = "metrics.json") -> Path:
+    path = Path(output_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def print_last_line(metrics: Mapping[str, Any]) -> None:
+    """The entry points' contract: the final stdout line is one JSON object."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(json.dumps(metrics, default=_json_default), flush=True)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
