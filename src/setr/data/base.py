@@ -140,7 +140,12 @@ class SegDataset(torch.utils.data.Dataset):
                 self.skipped.append(str(e))
         self.samples = good
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """``dataset[i]``, or ``dataset[(i, seed)]`` to draw the augmentation with that seed (reproducible
+        and resumable training: the sampler fixes the seed of every sample)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
         image, mask = self.load(index)
         mask = mask.astype(np.uint8) if mask.max(initial=0) <= 255 else mask
         if self.transform is not None:

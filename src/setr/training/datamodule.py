@@ -8,28 +8,76 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from setr.data import build_dataset, build_pipeline
 from setr.data.base import SegDataset
 from setr.errors import SETRConfigError
 
 
-class ShardSampler(DistributedSampler):
-    """Evaluation sampler for several processes: each rank takes every world_size-th sample, with no padding.
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Shuffled (or ordered) indices that depend only on ``(seed, epoch)``, sharded over ranks, able to start
+    part-way through an epoch. Makes resuming exact: the resumed run sees the batches the uninterrupted run
+    would have seen (see :class:`ResumableLoader`)."""
 
-    Lightning's default distributed sampler repeats samples to even out the shards, which would count them twice
-    in the metrics; with this one a multi-process evaluation scores exactly the samples a single process scores.
-    """
+    def __init__(self, n: int, shuffle: bool, seed: int = 0, world: int = 1, rank: int = 0,
+                 drop_last: bool = False) -> None:
+        self.n, self.shuffle, self.seed, self.world, self.rank = n, shuffle, seed, world, rank
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start = 0  # samples of this rank's shard to skip once (mid-epoch resume)
 
-    def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.world > 1 and self.drop_last:
+            order = order[: self.n - self.n % self.world]
+        return order[self.rank :: self.world]
 
     def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        start, self.start = self.start, 0
+        indices = self._indices()
+        if not self.shuffle:
+            return iter(indices[start:])
+        # each training sample also carries the seed of its augmentation, fixed by (seed, epoch, index)
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        return iter([(i, (base + i) % 2**31) for i in indices[start:]])
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
+        return len(self._indices())
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position in the epoch is saved in checkpoints (Lightning stores the state of loaders
+    with ``state_dict``/``load_state_dict``), so a run resumed mid-epoch continues with the next batch."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._consumed = 0
+        self._restored = 0
+
+    def __iter__(self):
+        self._consumed = self._restored
+        self._restored = 0
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._consumed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("batch_size") != self.batch_size:
+            return  # a different batch size: positions do not carry over, start the epoch afresh
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.start = state["batches"] * self.batch_size
+        self._restored = state["batches"]
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -109,24 +157,23 @@ class SegDataModule(L.LightningDataModule):
         return 1, 0
 
     def _loader(self, ds: SegDataset, batch_size: int, train: bool) -> DataLoader:
+        """Loaders shard by rank themselves (``trainer.use_distributed_sampler`` is off): training shuffles by
+        ``(seed, epoch)``; evaluation gives each rank every world_size-th sample with no padding, so a
+        multi-process evaluation scores exactly the samples a single process scores."""
         workers = int(self.cfg.get("num_workers", 0))
         world, rank = self._world()
-        sampler = None
-        if world > 1:
-            sampler = (DistributedSampler(ds, world, rank, shuffle=True, seed=self.seed or 0, drop_last=True)
-                       if train else ShardSampler(ds, world, rank))
-        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-        return DataLoader(
+        drop_last = train and len(ds) >= batch_size * world
+        sampler = EpochSampler(len(ds), shuffle=train, seed=self.seed or 0, world=world, rank=rank,
+                               drop_last=train)
+        return ResumableLoader(
             ds,
             batch_size=batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
-            drop_last=train and len(ds) >= batch_size * world,
+            drop_last=drop_last,
             num_workers=workers,
             pin_memory=bool(self.cfg.get("pin_memory", False)),
             persistent_workers=bool(self.cfg.get("persistent_workers", False)) and workers > 0,
             collate_fn=collate,
-            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -89,7 +89,8 @@ class SETRModule(L.LightningModule):
         self._pretrained = enc.pop("pretrained", None)
         net_cfg["encoder"] = enc
         self.model: SETR = build_setr(net_cfg)
-        self._forward = torch.compile(self.model) if compile else self.model  # not a registered submodule
+        # a plain attribute, not a registered submodule: checkpoints never carry torch.compile's `_orig_mod.`
+        object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
         self.val_metrics = SegMetrics(num_classes, ignore_index)
         self.test_metrics = SegMetrics(num_classes, ignore_index)
         self.val_miou_best = MaxMetric()
@@ -181,8 +182,9 @@ class SETRModule(L.LightningModule):
     def configure_optimizers(self):
         cfg = dict(self.hparams.optimizer)
         optimizer = build_optimizer(self.model, cfg)
-        total = int(self.trainer.estimated_stepping_batches)
-        scheduler = build_scheduler(optimizer, cfg.get("scheduler"), total, float(cfg.get("lr", 0.01)))
+        sched = dict(cfg.get("scheduler") or {})
+        total = sched.pop("total_steps", None) or int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, sched, int(total), float(cfg.get("lr", 0.01)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,48 @@
+"""Shared bits of the end-to-end tests: tiny overrides and a runner for the real entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a tiny SETR (dim 64, 4 blocks) on 64x64 synthetic images: a training step takes a few ms
+TINY = [
+    "model/encoder=vit_test",
+    "data.crop_size=64",
+    "data.dataset.image_size=64",
+    "data.train_pipeline.0.img_scale=[64,64]",
+    "data.dataset.num_samples=24",
+    "data.val_dataset.num_samples=8",
+    "data.batch_size=4",
+    "data.val_batch_size=4",
+    "data.num_workers=0",
+    "extras.print_config=false",
+    "callbacks=none",
+    "+callbacks.ckpt._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+    "+callbacks.ckpt.dirpath=${paths.output_dir}/checkpoints",
+    "+callbacks.ckpt.monitor=val/mIoU",
+    "+callbacks.ckpt.mode=max",
+    "+callbacks.ckpt.save_last=true",
+]
+
+
+def run_entry(script: str, *args: str, log_dir: Path, timeout: int = 240, env: dict | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``src/<script>`` with ``args`` (logs under ``log_dir``); returns the completed process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
+    cmd = [sys.executable, str(ROOT / "src" / script), *args, f"paths.log_dir={log_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    return json.loads(lines[-1])

@@ -1,0 +1,206 @@
+"""End-to-end tests of src/train.py and src/eval.py, and unit tests of the training wiring."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import TINY, last_json, run_entry
+from setr.training.datamodule import EpochSampler, collate
+from setr.training.module import SETRModule, load_checkpoint_model
+from setr.training.optim import build_optimizer, param_groups, poly_factor
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One short training run shared by several tests: 6 steps, validation every 3."""
+    log_dir = tmp_path_factory.mktemp("logs")
+    run_dir = log_dir / "run"
+    proc = run_entry("train.py", *TINY, "trainer.max_steps=6", "trainer.val_check_interval=3",
+                     f"hydra.run.dir={run_dir}", log_dir=log_dir)
+    return proc, run_dir
+
+
+@pytest.mark.slow
+def test_train_writes_metrics_checkpoints_and_per_class_csv(trained_run):
+    proc, run_dir = trained_run
+    metrics = last_json(proc)
+    for key in ("val/mIoU", "val/mAcc", "val/aAcc", "val/IoU/background", "train/loss"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["val/mIoU"] <= 1.0
+    assert metrics["global_step"] == 6
+    assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(metrics, nan_ok=True)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "checkpoints").glob("epoch=*.ckpt")), "best checkpoint by val/mIoU"
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    header = rows[0].keys()
+    assert {"val/IoU/background", "val/IoU/disc", "val/mIoU"} <= set(header)
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_without_arguments_and_eval_matches(trained_run, tmp_path):
+    _, run_dir = trained_run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["config"]["model"]["encoder"]["name"] == "vit_tiny_patch16", "resolved config inside the checkpoint"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module = SETRModule.load_from_checkpoint(str(last), map_location="cpu")
+    assert module.hparams.class_names == ["background", "disc", "rectangle", "triangle"]
+    model, meta = load_checkpoint_model(last)
+    assert not model.training and meta["num_classes"] == 4 and len(meta["palette"]) == 4
+
+    # eval.py on the final weights reproduces the last validation of training exactly
+    final_val = json.loads((run_dir / "metrics.json").read_text())["val/mIoU"]
+    proc = run_entry("eval.py", *[o for o in TINY if "callbacks" not in o], f"ckpt_path={last}",
+                     f"hydra.run.dir={tmp_path / 'eval'}", log_dir=tmp_path)
+    out = last_json(proc)
+    assert out["val/mIoU"] == pytest.approx(final_val, abs=1e-6)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["val/mIoU"] == pytest.approx(out["val/mIoU"])
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tmp_path):
+    """9 steps straight == 3 steps (schedule spanning 9) + resume to 9: same step, same final loss."""
+    common = [*TINY, "trainer.val_check_interval=3"]
+    straight = last_json(run_entry("train.py", *common, "trainer.max_steps=9", f"hydra.run.dir={tmp_path / 'a'}",
+                                   log_dir=tmp_path))
+    run_entry("train.py", *common, "trainer.max_steps=3", "optimizer.scheduler.total_steps=9",
+              f"hydra.run.dir={tmp_path / 'b'}", log_dir=tmp_path)
+    resumed = last_json(run_entry("train.py", *common, "trainer.max_steps=9", f"hydra.run.dir={tmp_path / 'b'}",
+                                  f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}", log_dir=tmp_path))
+    assert resumed["global_step"] == straight["global_step"] == 9
+    assert resumed["train/loss"] == pytest.approx(straight["train/loss"], rel=1e-5)
+    assert resumed["val/mIoU"] == pytest.approx(straight["val/mIoU"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_fast_dev_run(tmp_path):
+    proc = run_entry("train.py", *TINY, "debug=fdr", f"hydra.run.dir={tmp_path / 'fdr'}", log_dir=tmp_path)
+    assert last_json(proc)["global_step"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.lr=-0.1", "optimizer.lr: must be a positive number"),
+        ("data=pascal_context", "pascal_context"),
+        ("data.name=nope", "data.name: unknown dataset 'nope'"),
+    ],
+)
+def test_bad_config_gives_one_clear_line(tmp_path, override, message):
+    proc = run_entry("train.py", *TINY, override, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'x'}",
+                     log_dir=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_unknown_model_name_is_reported_by_hydra(tmp_path):
+    proc = run_entry("train.py", "model=nope", log_dir=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'model/nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- units
+def _tiny_module(**kw) -> SETRModule:
+    from setr.models import build_setr  # noqa: F401  (import check)
+
+    model = {
+        "norm": "bn",
+        "encoder": {"name": "vit_tiny_patch16", "img_size": 32, "arch": {"embed_dim": 32, "depth": 2, "num_heads": 2}},
+        "head": {"decode": {"type": "up", "in_index": -1, "channels": 16, "kernel_size": 1, "up_scales": [1]},
+                 "auxiliary": {"type": "up", "in_index": [0], "channels": 16, "kernel_size": 1, "up_scales": [1]}},
+    }
+    return SETRModule(model=model, optimizer={"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0}, num_classes=3,
+                      crop_size=32, **kw)
+
+
+def test_param_groups_head_multiplier_and_no_decay():
+    module = _tiny_module()
+    groups = param_groups(module.model, lr=0.01, weight_decay=0.05, head_lr_mult=10.0)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["head"]["lr"] == pytest.approx(0.1) and by_name["backbone"]["lr"] == pytest.approx(0.01)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert "encoder.vit.pos_embed" in no_decay and "encoder.vit.cls_token" in no_decay
+    assert any(n.endswith("norm1.weight") for n in no_decay) and any(n.endswith(".bias") for n in no_decay)
+    assert "encoder.vit.blocks.0.attn.qkv.weight" not in no_decay
+    heads = {names[id(p)] for g in groups if g["lr_mult"] == 10.0 for p in g["params"]}
+    assert heads and all("head" in n for n in heads)
+    assert sum(len(g["params"]) for g in groups) == len(list(module.model.parameters()))
+
+
+def test_poly_schedule_matches_mmcv_formula():
+    base, min_lr, total = 0.01, 1e-4, 100
+    for step in (0, 10, 50, 99, 100, 150):
+        expected = (base - min_lr) * (1 - min(step, total) / total) ** 0.9 + min_lr
+        assert poly_factor(step, total, 0.9, base, min_lr) * base == pytest.approx(expected)
+    # linear warmup from base * ratio
+    assert poly_factor(0, total, 0.9, base, min_lr, warmup_steps=10, warmup_ratio=0.1) == pytest.approx(
+        0.1 * ((base - min_lr) + min_lr) / base)
+
+
+def test_optimizer_rejects_bad_values():
+    from setr.errors import SETRConfigError
+
+    module = _tiny_module()
+    with pytest.raises(SETRConfigError, match="optimizer.lr"):
+        build_optimizer(module.model, {"name": "sgd", "lr": 0})
+    with pytest.raises(SETRConfigError, match="optimizer.name"):
+        build_optimizer(module.model, {"name": "lion", "lr": 0.1})
+
+
+def test_epoch_sampler_shards_cover_everything_once():
+    n = 11
+    shards = [list(EpochSampler(n, shuffle=False, world=3, rank=r)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(n))
+    a, b = EpochSampler(n, shuffle=True, seed=3), EpochSampler(n, shuffle=True, seed=3)
+    a.set_epoch(1), b.set_epoch(1)
+    assert list(a) == list(b)
+    b.set_epoch(2)
+    assert list(a) != list(b)
+    c = EpochSampler(n, shuffle=True, seed=3)
+    c.set_epoch(1)
+    c.start = 4
+    assert list(c) == list(a)[4:]
+
+
+def test_collate_keeps_lists_for_mixed_sizes():
+    same = collate([{"image": torch.zeros(3, 4, 4), "mask": torch.zeros(4, 4), "index": 0}] * 2)
+    assert same["image"].shape == (2, 3, 4, 4) and same["index"].tolist() == [0, 0]
+    mixed = collate([{"mask": torch.zeros(4, 4)}, {"mask": torch.zeros(5, 4)}])
+    assert isinstance(mixed["mask"], list) and len(mixed["mask"]) == 2
+
+
+def test_compiled_checkpoint_loads_into_uncompiled_model(tmp_path):
+    module = _tiny_module(compile=True)
+    assert not any("_orig_mod" in k for k in module.state_dict()), "compiled wrapper is not a registered submodule"
+    # a checkpoint written by other tools from a compiled model carries the prefix
+    state = {k.replace("model.", "model._orig_mod.", 1): v for k, v in module.state_dict().items()}
+    path = tmp_path / "compiled.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams)}, path)
+    model, meta = load_checkpoint_model(path)
+    ref = module.model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    assert meta["num_classes"] == 3
+
+
+def test_load_checkpoint_model_errors(tmp_path):
+    from setr.errors import SETRConfigError
+
+    with pytest.raises(SETRConfigError, match="not found"):
+        load_checkpoint_model(tmp_path / "missing.ckpt")
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SETRConfigError, match="bad.ckpt"):
+        load_checkpoint_model(bad)
