@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +51,8 @@ def _setup_wandb(cfg: DictConfig) -> None:
         if id_file.is_file():
             node.id = id_file.read_text().strip()
             node.resume = "allow"
-        elif not node.get("id"):
-            import wandb.util
-
-            node.id = wandb.util.generate_id()
+        elif not node.get("id"):  # W&B's own id format: 8 base-36 characters (wandb.util.generate_id is gone)
+            node.id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         if is_rank_zero():
             out.mkdir(parents=True, exist_ok=True)
             id_file.write_text(str(node.id) + "\n")
@@ -85,8 +85,8 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
     if trainer_cfg.get("sync_batchnorm") and cpu_only(trainer_cfg):
         log.info("trainer.sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only; keeping BatchNorm on CPU")
         trainer_cfg["sync_batchnorm"] = False
-    if "ddp" in str(trainer_cfg.get("strategy", "")):
-        patch_lightning_hydra_ddp()
+    # always: `strategy` is a DDPStrategy node (no lowercase "ddp" in it) or "auto" with devices > 1 (DDP too)
+    patch_lightning_hydra_ddp()
     from hydra.utils import instantiate
 
     try:
@@ -100,6 +100,8 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
 def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, module, trainer = build(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
+    for lg in trainer.loggers:  # the full resolved config, not only the module's hyperparameters
+        lg.log_hyperparams(module.run_config)
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = collect_metrics(trainer.callback_metrics)

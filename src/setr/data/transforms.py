@@ -118,3 +118,55 @@ def build_pipeline(steps: Sequence[Mapping] | None, mean: Sequence[float], std: 
         ToTensorV2(),
     ]
     return A.Compose(transforms, seed=seed)
+
+
+class PhotoMetricDistortion(A.ImageOnlyTransform):
+    """mmseg ``PhotoMetricDistortion``: each step with probability 1/2 -- brightness shift in
+    ``[-brightness_delta, brightness_delta]``, contrast factor in ``contrast_range`` (before or after the colour
+    steps, chosen at random), saturation factor in ``saturation_range`` and hue shift in ``[-hue_delta, hue_delta]``
+    (OpenCV hue units, 180 = full turn); values are clipped to 0..255 after every step. Image only."""
+
+    def __init__(self, brightness_delta: int = 32, contrast_range: Sequence[float] = (0.5, 1.5),
+                 saturation_range: Sequence[float] = (0.5, 1.5), hue_delta: int = 18, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.brightness_delta = int(brightness_delta)
+        self.contrast_range = tuple(float(v) for v in contrast_range)
+        self.saturation_range = tuple(float(v) for v in saturation_range)
+        self.hue_delta = int(hue_delta)
+
+    def get_params(self) -> dict[str, Any]:
+        r = self.py_random
+        return {
+            "beta": r.uniform(-self.brightness_delta, self.brightness_delta) if r.random() < 0.5 else None,
+            "contrast_first": r.random() < 0.5,
+            "alpha": r.uniform(*self.contrast_range) if r.random() < 0.5 else None,
+            "saturation": r.uniform(*self.saturation_range) if r.random() < 0.5 else None,
+            "hue": r.randint(-self.hue_delta, self.hue_delta) if r.random() < 0.5 else None,
+        }
+
+    @staticmethod
+    def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def apply(self, img: np.ndarray, beta: float | None = None, contrast_first: bool = False,
+              alpha: float | None = None, saturation: float | None = None, hue: int | None = None,
+              **params: Any) -> np.ndarray:
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise SETRConfigError(f"PhotoMetricDistortion: expects uint8 RGB images, got {img.dtype} {img.shape}")
+        if beta is not None:
+            img = self._convert(img, beta=beta)
+        if contrast_first and alpha is not None:
+            img = self._convert(img, alpha=alpha)
+        if saturation is not None or hue is not None:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            if saturation is not None:
+                hsv[..., 1] = self._convert(hsv[..., 1], alpha=saturation)
+            if hue is not None:
+                hsv[..., 0] = (hsv[..., 0].astype(np.int32) + hue) % 180
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if not contrast_first and alpha is not None:
+            img = self._convert(img, alpha=alpha)
+        return img
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness_delta", "contrast_range", "saturation_range", "hue_delta")

@@ -162,11 +162,15 @@ class ViTEncoder(nn.Module):
                 break
         return [wanted[i] for i in idx]
 
-    def resolve_index(self, i: int) -> int:
+    def resolve_index(self, i: int, key: str | None = None) -> int:
+        """0-based block index of ``i`` (negative counts from the end); ``key`` names the config entry in errors."""
+        where = f"{key}: " if key else ""
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise SETRConfigError(f"{where}layer index must be an integer, got {i!r}")
         j = i + self.depth if i < 0 else i
         if not 0 <= j < self.depth:
             raise SETRConfigError(
-                f"layer index {i} is out of range for encoder {self.name!r} with {self.depth} blocks "
+                f"{where}layer index {i} is out of range for encoder {self.name!r} with {self.depth} blocks "
                 f"(use 0..{self.depth - 1} or negative indices)"
             )
         return j

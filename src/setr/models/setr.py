@@ -138,9 +138,14 @@ def build_setr(cfg: Mapping) -> SETR:
         _pop_known(neck_cfg, "model.head.neck", NECK_KEYS)
         if neck_cfg.pop("type", "mla") != "mla":
             raise SETRConfigError("model.head.neck.type: only 'mla' is available")
-        neck = MLANeck(dim, norm=norm, in_index=list(neck_cfg.pop("in_index", (5, 11, 17, 23))), **neck_cfg)
-        for i in neck.in_index:
-            encoder.resolve_index(i)
+        in_index = neck_cfg.pop("in_index", (5, 11, 17, 23))
+        in_index = [in_index] if isinstance(in_index, int) else list(in_index)
+        for i in in_index:
+            encoder.resolve_index(i, "model.head.neck.in_index")
+        try:
+            neck = MLANeck(dim, norm=norm, in_index=in_index, **neck_cfg)
+        except ValueError as e:
+            raise SETRConfigError(f"model.head.neck.in_index: {e}") from e
 
     dec = _as_dict(head_cfg.get("decode"), "model.head.decode")
     if not dec:
@@ -148,7 +153,11 @@ def build_setr(cfg: Mapping) -> SETR:
     dtype = dec.pop("type", "up")
     if dtype == "up":
         _pop_known(dec, "model.head.decode", UP_KEYS)
-        decode_head = UpHead(dim, num_classes, norm=norm, **dec)
+        encoder.resolve_index(dec.get("in_index", -1), "model.head.decode.in_index")
+        try:
+            decode_head = UpHead(dim, num_classes, norm=norm, **dec)
+        except ValueError as e:
+            raise SETRConfigError(f"model.head.decode: {e}") from e
         if neck is not None:
             raise SETRConfigError("model.head.decode.type: an 'up' head reads encoder layers; use 'mla' with the MLA neck")
     elif dtype == "mla":
@@ -173,10 +182,13 @@ def build_setr(cfg: Mapping) -> SETR:
             if atype == "up":
                 if neck is not None:
                     raise SETRConfigError("model.head.auxiliary.type: use 'linear' auxiliary heads on the MLA neck")
-                encoder.resolve_index(i)
+                encoder.resolve_index(i, "model.head.auxiliary.in_index")
                 if "bias" in aux:
                     raise SETRConfigError("model.head.auxiliary.bias: applies to 'linear' heads; 'up' heads use conv_bias")
-                aux_heads.append(UpHead(dim, num_classes, norm=norm, in_index=i, **aux))
+                try:
+                    aux_heads.append(UpHead(dim, num_classes, norm=norm, in_index=i, **aux))
+                except ValueError as e:
+                    raise SETRConfigError(f"model.head.auxiliary: {e}") from e
             elif atype == "linear":
                 if neck is None:
                     raise SETRConfigError("model.head.auxiliary.type: 'linear' auxiliary heads read the MLA neck")

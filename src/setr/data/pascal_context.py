@@ -1,0 +1,94 @@
+"""PASCAL-Context on VOC2010: 60 classes (``data=pascal_context``) or 59 (``data=pascal_context_59``).
+
+Layout (``ROOT`` = ``data.root``: the ``VOC2010`` folder, or a folder holding ``VOC2010`` or
+``VOCdevkit/VOC2010``)::
+
+    VOC2010/JPEGImages/<id>.jpg
+    VOC2010/SegmentationClassContext/<id>.png              (written by the converter, values 0..59)
+    VOC2010/ImageSets/SegmentationContext/{train,val}.txt  (written by the converter, one <id> a line)
+
+The label PNGs come from the official Detail-API annotations (``trainval_merged.json``):
+``python -m setr.data.convert pascal_context ROOT --json trainval_merged.json`` (see :mod:`setr.data.convert`).
+
+* 60 classes (SETR's setting, mmseg ``PascalContextDataset``): class 0 is ``background`` (every pixel outside
+  the 59 object/stuff classes), 1..59 the classes; 255 is ignored.
+* 59 classes (mmseg ``PascalContextDataset59``): background is ignored and the others shift down by one
+  (``reduce_zero_label``).
+
+There is no labelled test split: ``test`` reads ``val``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from setr.data.base import IGNORE_INDEX, SegDataset
+from setr.data.folder import check_raw_values, read_split_list, reduce_zero_label, require_dir, resolve_root
+from setr.data.palettes import (
+    PASCAL_CONTEXT_59_CLASSES,
+    PASCAL_CONTEXT_59_PALETTE,
+    PASCAL_CONTEXT_CLASSES,
+    PASCAL_CONTEXT_PALETTE,
+)
+from setr.data.registry import register_dataset
+from setr.errors import DataError, SETRConfigError
+
+LAYOUT = ("VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext/{train,val}.txt} "
+          "(or VOCdevkit/VOC2010/...)")
+SPLITS = {"train": "train", "val": "val", "test": "val"}
+CONVERT_HINT = "create it with `python -m setr.data.convert pascal_context ROOT --json trainval_merged.json`"
+
+
+class PascalContext(SegDataset):
+    """PASCAL-Context, 60 classes (background = class 0)."""
+
+    class_names = PASCAL_CONTEXT_CLASSES
+    palette = PASCAL_CONTEXT_PALETTE
+    reduce_zero_label = False
+
+    def __init__(self, split: str = "train", root: str | Path = "data/pascal_context", transform=None,
+                 keep_original_mask: bool = False, skip_bad: bool = False) -> None:
+        super().__init__(transform=transform, keep_original_mask=keep_original_mask, skip_bad=skip_bad)
+        if split not in SPLITS:
+            raise SETRConfigError(f"data.split: unknown Pascal Context split {split!r}; use train, val or test")
+        self.split = split
+        base = resolve_root(root, "Pascal Context", LAYOUT, ("VOC2010", "VOCdevkit/VOC2010"), "JPEGImages")
+        self.root = base
+        img_dir = base / "JPEGImages"
+        mask_dir = require_dir(base / "SegmentationClassContext", "Pascal Context", LAYOUT, CONVERT_HINT)
+        list_path = base / "ImageSets" / "SegmentationContext" / f"{SPLITS[split]}.txt"
+        if not list_path.is_file():
+            raise DataError(f"{list_path}: split list not found; {CONVERT_HINT}")
+        ids = read_split_list(list_path)
+        if not ids:
+            raise DataError(f"{list_path}: the split list is empty")
+        for i in ids:
+            img, mask = img_dir / f"{i}.jpg", mask_dir / f"{i}.png"
+            missing = img if not img.is_file() else mask if not mask.is_file() else None
+            if missing is None:
+                self.samples.append((img, mask))
+            elif skip_bad:
+                self.skipped.append(f"{missing}: listed in {list_path.name} but not found")
+            else:
+                raise DataError(f"{missing}: listed in {list_path} but not found "
+                                "(set data.skip_bad=true to skip missing files)")
+
+    def map_labels(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
+        n = len(PASCAL_CONTEXT_CLASSES)
+        check_raw_values(raw, lambda v: ((v >= 0) & (v < n)) | (v == IGNORE_INDEX), path,
+                         f"Pascal Context labels are 0 = background, 1..{n - 1} the classes, 255 = ignored")
+        return reduce_zero_label(raw) if self.reduce_zero_label else raw
+
+
+class PascalContext59(PascalContext):
+    """PASCAL-Context, 59 classes: background ignored, labels shifted down by one."""
+
+    class_names = PASCAL_CONTEXT_59_CLASSES
+    palette = PASCAL_CONTEXT_59_PALETTE
+    reduce_zero_label = True
+
+
+register_dataset("pascal_context", PascalContext)
+register_dataset("pascal_context_59", PascalContext59)

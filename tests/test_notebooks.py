@@ -1,0 +1,69 @@
+"""The notebooks run headless from a clean kernel and are stored without outputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import fake_datasets as fake
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ["01_data.ipynb"]
+
+
+@pytest.fixture
+def venv_kernel(tmp_path, monkeypatch) -> str:
+    """A ``python3`` kernel spec that starts *this* interpreter (the venv's): the spec shipped with ipykernel
+    says plain ``python``, which may be another Python on PATH. JUPYTER_PATH entries come first in the search."""
+    kernel_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    kernel_dir.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3 (setr venv)", "language": "python"}
+    (kernel_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    return "python3"
+
+
+@pytest.fixture
+def project_with_fake_data(tmp_path, monkeypatch) -> Path:
+    """PROJECT_ROOT (hence paths.data_dir) pointing at fake ADE20K and Cityscapes trees; Pascal Context absent,
+    so the notebook's real-data section runs both its branches."""
+    project = tmp_path / "project"
+    fake.make_ade20k(project / "data" / "ade20k", n_train=1, n_val=2)
+    fake.make_cityscapes(project / "data" / "cityscapes", n_train=1, n_val=2)
+    monkeypatch.setenv("PROJECT_ROOT", str(project))
+    return project
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_stored_without_outputs(name):
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: clear the outputs before committing"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_executes(name, venv_kernel, project_with_fake_data):
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    client = nbclient.NotebookClient(nb, kernel_name=venv_kernel, timeout=60, startup_timeout=60,
+                                     resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    client.execute()  # raises CellExecutionError (with the cell's traceback) on any failing cell
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "8 samples, 4 classes" in text
+    assert "ade20k: 2 val samples, 150 classes" in text and "cityscapes: 2 val samples, 19 classes" in text
+    assert "pascal_context: not available" in text and "see data/README.md" in text
+    assert len(figures) == 4, "synthetic samples, augmentations, and one figure per present real dataset"

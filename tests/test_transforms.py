@@ -1,0 +1,167 @@
+"""Augmentations keep image and mask aligned; recipe transforms follow mmsegmentation's semantics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pytest
+import yaml
+
+from setr.data.transforms import CatMaxRatioCrop, PhotoMetricDistortion, RandomRescale, build_pipeline, rescale_size
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+
+def shape_pair(h: int = 40, w: int = 56) -> tuple[np.ndarray, np.ndarray]:
+    """A bright, off-centre L-shape (class 1) on a dark background (class 0), in image and mask alike: any
+    flip, shift or scale applied to one but not the other moves it away from the other."""
+    img = np.full((h, w, 3), 20, np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    for sl in ((slice(h // 5, h // 2), slice(w // 8, w // 3)), (slice(h // 2 - 4, h // 2), slice(w // 8, w // 2))):
+        img[sl] = 235
+        mask[sl] = 1
+    return img, mask
+
+
+def bright(img: np.ndarray) -> np.ndarray:
+    gray = img.astype(np.float64).mean(-1)
+    return gray > (gray.max() + gray.min()) / 2
+
+
+def assert_aligned(img: np.ndarray, mask: np.ndarray, min_iou: float = 0.9) -> None:
+    """The bright pixels of ``img`` are the class-1 pixels of ``mask`` (ignored / padded pixels excluded)."""
+    valid = mask != 255
+    shape, labelled = bright(img) & valid, (mask == 1) & valid
+    assert labelled.any(), "the shape left the frame"
+    iou = (shape & labelled).sum() / (shape | labelled).sum()
+    assert iou >= min_iou, f"image and mask disagree (IoU {iou:.3f})"
+
+
+def denormalize(t) -> np.ndarray:
+    x = t.numpy().transpose(1, 2, 0) * np.asarray(STD) + np.asarray(MEAN)
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def test_alignment_check_detects_misalignment():
+    """The helper the tests below rely on fails when only the image is flipped."""
+    img, mask = shape_pair()
+    assert_aligned(img, mask, min_iou=0.999)
+    with pytest.raises(AssertionError, match="disagree"):
+        assert_aligned(img[:, ::-1], mask)
+
+
+def test_horizontal_flip_keeps_alignment():
+    img, mask = shape_pair()
+    out = A.Compose([A.HorizontalFlip(p=1.0)])(image=img, mask=mask)
+    np.testing.assert_array_equal(out["mask"], mask[:, ::-1])
+    assert_aligned(out["image"], out["mask"], min_iou=0.999)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_rescale_sizes_and_alignment(seed):
+    img, mask = shape_pair()
+    t = A.Compose([RandomRescale(img_scale=(2048, 512), ratio_range=(0.5, 2.0))], seed=seed)
+    out = t(image=img, mask=mask)
+    h, w = out["mask"].shape
+    assert out["image"].shape[:2] == (h, w)
+    # keep-ratio: long side <= 2048 r, short side <= 512 r, one of them reached, for some r in [0.5, 2]
+    assert abs(w / h - 56 / 40) < 0.02
+    r = h / 512
+    assert 0.5 - 0.01 <= r <= 2.0 + 0.01
+    assert set(np.unique(out["mask"])) <= {0, 1}  # nearest: no blended labels
+    assert_aligned(out["image"], out["mask"])
+
+
+def test_rescale_to_the_test_scale():
+    """ratio_range=None is the single-scale test resize (mmcv rescale_size with keep_ratio)."""
+    assert rescale_size(40, 56, (2048, 512)) == (512, 717)      # ADE20K: short side 512
+    assert rescale_size(1024, 2048, (2049, 1025)) == (1025, 2049)  # Cityscapes
+    assert rescale_size(375, 500, (520, 520)) == (390, 520)     # Pascal Context: long side 520
+    img, mask = shape_pair()
+    out = A.Compose([RandomRescale(img_scale=(520, 520), ratio_range=None)])(image=img, mask=mask)
+    assert out["mask"].shape == (371, 520)
+    assert_aligned(out["image"], out["mask"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cat_max_ratio_crop_alignment_and_padding(seed):
+    img, mask = shape_pair(120, 160)
+    out = A.Compose([CatMaxRatioCrop(64, 64, cat_max_ratio=0.75)], seed=seed)(image=img, mask=mask)
+    assert out["image"].shape == (64, 64, 3) and out["mask"].shape == (64, 64)
+    if (out["mask"] == 1).any():
+        assert_aligned(out["image"], out["mask"])
+    # smaller than the crop: padded at the bottom-right with image 0 and mask 255 (ignored)
+    small_img, small_mask = shape_pair(40, 56)
+    out = A.Compose([CatMaxRatioCrop(64, 64, cat_max_ratio=0.75)], seed=seed)(image=small_img, mask=small_mask)
+    np.testing.assert_array_equal(out["mask"][:40, :56], small_mask)
+    assert (out["mask"][40:] == 255).all() and (out["mask"][:, 56:] == 255).all()
+    assert (out["image"][40:] == 0).all() and (out["image"][:, 56:] == 0).all()
+
+
+def test_cat_max_ratio_prefers_mixed_crops():
+    """A crop dominated (> 75 %) by one class is redrawn (up to 10 times) when a mixed one exists."""
+    mask = np.zeros((100, 100), np.uint8)
+    mask[:, 60:] = 1
+    img = np.dstack([mask * 200] * 3).astype(np.uint8)
+    mixed = 0
+    for seed in range(20):
+        out = A.Compose([CatMaxRatioCrop(40, 40, cat_max_ratio=0.75)], seed=seed)(image=img, mask=mask)
+        counts = np.bincount(out["mask"].ravel(), minlength=2)
+        mixed += counts.max() / counts.sum() < 0.75
+        if (out["mask"] == 1).any():
+            assert_aligned(out["image"], out["mask"])
+    # a uniformly random 40x40 crop is mixed < 75 % in ~ 30 % of draws; with retries nearly always
+    assert mixed >= 17
+
+
+@pytest.mark.parametrize("name", ["ade20k", "cityscapes", "pascal_context", "folder", "synthetic"])
+def test_config_train_pipelines_keep_alignment(name):
+    cfg = yaml.safe_load((CONF / "data" / f"{name}.yaml").read_text())
+    crop = cfg["crop_size"]
+    steps = []
+    for step in cfg["train_pipeline"]:
+        step = {k: (crop if v == "${data.crop_size}" else v) for k, v in step.items()}
+        if step["_target_"] == "albumentations.HorizontalFlip":
+            step["p"] = 1.0  # always flip, so the flip is exercised in every draw
+        steps.append(step)
+    pipe = build_pipeline(steps, MEAN, STD, seed=0)
+    img, mask = shape_pair()
+    seen = 0
+    for seed in range(3):
+        pipe.set_random_seed(seed)
+        out = pipe(image=img, mask=mask)
+        assert tuple(out["image"].shape) == (3, crop, crop) and tuple(out["mask"].shape) == (crop, crop)
+        m = out["mask"].numpy()
+        assert set(np.unique(m)) <= {0, 1, 255}
+        if (m == 1).any():
+            seen += 1
+            assert_aligned(denormalize(out["image"]), m)
+    assert seen, "the shape never appeared in a crop"
+
+
+def test_photometric_distortion_steps():
+    img = np.array([[[200, 10, 10], [10, 100, 250]]], np.uint8)
+    t = PhotoMetricDistortion()
+    np.testing.assert_array_equal(t.apply(img, beta=60.0), np.clip(img.astype(int) + 60, 0, 255))
+    np.testing.assert_array_equal(t.apply(img, alpha=2.0, contrast_first=True), np.clip(img.astype(int) * 2, 0, 255))
+    gray = t.apply(img, saturation=0.0)
+    assert (gray.max(-1) - gray.min(-1) <= 1).all()  # no saturation left
+    red = np.array([[[255, 0, 0]]], np.uint8)
+    np.testing.assert_array_equal(t.apply(red, hue=90), [[[0, 255, 255]]])  # half a turn: cyan
+    np.testing.assert_array_equal(t.apply(img), img)  # no step drawn: unchanged
+
+
+def test_photometric_distortion_is_image_only_and_seeded():
+    img, mask = shape_pair()
+    outs = []
+    for _ in range(2):
+        t = A.Compose([PhotoMetricDistortion()], seed=3)
+        outs.append([t(image=img, mask=mask) for _ in range(4)])
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        assert a["mask"] is mask or np.array_equal(a["mask"], mask)
+    assert any(not np.array_equal(o["image"], img) for o in outs[0])
