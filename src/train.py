@@ -14,7 +14,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from setr.utils.run import apply_auto_resume, main_guard, print_last_line  # noqa: E402
+from setr.utils.run import apply_auto_resume, is_rank_zero, main_guard, print_last_line  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> float | None:
     from setr.tasks import train
 
     metrics = train(cfg)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if is_rank_zero():
         print_last_line(metrics)
     value = metrics.get(cfg.get("metric", "val/mIoU"))
     return float(value) if value is not None else None  # what an Optuna sweep optimises

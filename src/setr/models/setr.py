@@ -194,10 +194,9 @@ def build_setr(cfg: Mapping) -> SETR:
                     raise SETRConfigError("model.head.auxiliary.type: 'linear' auxiliary heads read the MLA neck")
                 if not 0 <= i < len(neck.in_index):
                     raise SETRConfigError(f"model.head.auxiliary.in_index: {i} is not a neck level (0..{len(neck.in_index) - 1})")
-                extra = set(aux) - {"bias"}
-                if extra:
-                    raise SETRConfigError(f"model.head.auxiliary: key(s) {sorted(extra)} do not apply to 'linear' heads")
-                aux_heads.append(LinearAuxHead(neck.out_channels, num_classes, in_index=i, **aux))
+                # conv-stage keys of 'up' heads (e.g. a model preset's `channels`) do not apply to a 1x1 classifier
+                lin = {k: v for k, v in aux.items() if k == "bias"}
+                aux_heads.append(LinearAuxHead(neck.out_channels, num_classes, in_index=i, **lin))
             else:
                 raise SETRConfigError(f"model.head.auxiliary.type: unknown type {atype!r}; choose 'up' or 'linear'")
             aux_weights.append(weight)

@@ -22,7 +22,8 @@ class WandbSegmentationLogger(L.Callback):
     def __init__(self, num_samples: int = 4) -> None:
         self.num_samples = num_samples
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after the module's on_validation_epoch_end, so the scores are this validation's
         loggers = _wandb_loggers(trainer)
         if not loggers or trainer.sanity_checking or not trainer.is_global_zero:
             return

@@ -1,0 +1,75 @@
+"""Shared fixtures: compose the project's Hydra config, and build tiny SETR models from the real head configs."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _compose(overrides: tuple[str, ...], config_name: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
+@pytest.fixture
+def compose_cfg() -> Callable[..., object]:
+    """``compose_cfg(["model=setr_mla", "data=ade20k"], config_name="train")`` -> the composed DictConfig."""
+
+    def compose(overrides=(), config_name: str = "train"):
+        return _compose(tuple(overrides), config_name)
+
+    return compose
+
+
+@lru_cache(maxsize=None)
+def _model_cfg(overrides: tuple[str, ...]) -> dict:
+    from omegaconf import OmegaConf
+
+    # conf/summary.yaml composes only data, model, paths and extras: the quickest way to a model node
+    cfg = _compose(overrides, "summary")
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def model_cfg(*overrides: str) -> dict:
+    """The resolved ``model`` node for ``overrides`` (a fresh copy each call; composition is cached)."""
+    return copy.deepcopy(_model_cfg(tuple(overrides)))
+
+
+def tiny_model_cfg(head: str = "naive", crop: int = 64, num_classes: int = 5, *overrides: str) -> dict:
+    """A real head config (``conf/model/head/<head>.yaml``) on the 4-block, 64-wide test encoder."""
+    return model_cfg(f"model/head={head}", "model/encoder=vit_test", f"data.crop_size={crop}",
+                     f"data.num_classes={num_classes}", *overrides)
+
+
+@pytest.fixture(name="model_cfg")
+def model_cfg_fixture() -> Callable[..., dict]:
+    """``model_cfg("model=setr_mla", "data=cityscapes")`` -> the resolved ``model`` node (a plain dict)."""
+    return model_cfg
+
+
+@pytest.fixture(name="tiny_cfg")
+def tiny_cfg_fixture() -> Callable[..., dict]:
+    """``tiny_cfg("mla", 64, 5)`` -> the resolved ``model`` node of a tiny SETR (see :func:`tiny_model_cfg`)."""
+    return tiny_model_cfg
+
+
+@pytest.fixture
+def tiny_setr() -> Callable[..., object]:
+    """``tiny_setr(head="pup", crop=64, num_classes=5)`` -> a seeded SETR on the test encoder (CPU, eval mode)."""
+    import torch
+
+    from setr.models import build_setr
+
+    def build(head: str = "naive", crop: int = 64, num_classes: int = 5, *overrides: str, seed: int = 0):
+        torch.manual_seed(seed)
+        return build_setr(tiny_model_cfg(head, crop, num_classes, *overrides)).eval()
+
+    return build
