@@ -73,3 +73,31 @@ def tiny_setr() -> Callable[..., object]:
         return build_setr(tiny_model_cfg(head, crop, num_classes, *overrides)).eval()
 
     return build
+
+
+def write_tiny_checkpoint(path: Path, head: str = "naive", crop: int = 64, num_classes: int = 4, seed: int = 0,
+                          inference: dict | None = None) -> Path:
+    """A checkpoint in src/train.py's format (``hyper_parameters`` + ``state_dict``) of a tiny seeded SETR with
+    the synthetic dataset's class names and palette: what predict / export / eval read, without a training run."""
+    import lightning
+    import torch
+
+    from setr.data.synthetic import SyntheticShapes
+    from setr.training import SETRModule
+
+    data = SyntheticShapes(num_samples=1, num_classes=num_classes)
+    torch.manual_seed(seed)
+    module = SETRModule(model=tiny_model_cfg(head, crop, num_classes), optimizer={"name": "sgd", "lr": 0.01},
+                        num_classes=num_classes, class_names=list(data.class_names),
+                        palette=[list(c) for c in data.palette], crop_size=crop,
+                        inference=inference or {"mode": "whole"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
+                "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}, path)
+    return path
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path) -> Path:
+    """Path of a tiny 4-class checkpoint (see :func:`write_tiny_checkpoint`)."""
+    return write_tiny_checkpoint(tmp_path / "tiny.ckpt")

@@ -41,6 +41,12 @@ def test_train_writes_metrics_checkpoints_and_per_class_csv(trained_run):
     header = rows[0].keys()
     assert {"val/IoU/background", "val/IoU/disc", "val/mIoU"} <= set(header)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    # the report of the last validation: per-class CSV / JSON and the confusion matrix
+    report = json.loads((run_dir / "val_scores.json").read_text())
+    assert report["mIoU"] == pytest.approx(metrics["val/mIoU"], abs=1e-6)
+    assert [r["class"] for r in report["per_class"]] == ["background", "disc", "rectangle", "triangle"]
+    assert (run_dir / "val_confusion.png").stat().st_size > 1000 and (run_dir / "val_scores.csv").is_file()
+    assert "val scores" in proc.stdout
 
 
 @pytest.mark.slow
@@ -63,6 +69,8 @@ def test_checkpoint_loads_without_arguments_and_eval_matches(trained_run, tmp_pa
     out = last_json(proc)
     assert out["val/mIoU"] == pytest.approx(final_val, abs=1e-6)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["val/mIoU"] == pytest.approx(out["val/mIoU"])
+    assert json.loads((tmp_path / "eval" / "val_scores.json").read_text())["mIoU"] == pytest.approx(out["val/mIoU"])
+    assert (tmp_path / "eval" / "val_confusion.png").is_file() and (tmp_path / "eval" / "val_confusion.csv").is_file()
 
 
 @pytest.mark.slow

@@ -141,7 +141,12 @@ def test_offline_run_has_metrics_masks_and_full_config(first_run):
             assert mask["_type"] == "mask" and png.is_file()
             values = set(np.unique(np.asarray(Image.open(png))).tolist())
             assert values <= {0, 1, 2, 3, 255}, values
-    assert len(list((offline / "files" / "media" / "images" / "val").glob("*.png"))) == 2
+    assert len(list((offline / "files" / "media" / "images" / "val").glob("samples_*.png"))) == 2
+
+    # the confusion matrix of the last validation, as an image
+    (confusion,) = [row for row in rows if "val/confusion/_type" in row]
+    assert confusion["val/confusion/_type"] == "image-file"
+    assert (offline / "files" / confusion["val/confusion/path"]).is_file()
 
     # the full resolved config, not only the module's hyperparameters
     config = final_config(records)

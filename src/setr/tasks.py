@@ -111,6 +111,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(collect_metrics(trainer.callback_metrics, prefixes=("test/",)))
     metrics["global_step"] = float(trainer.global_step)
     if trainer.is_global_zero:
+        for split in ("val", "test"):  # the last evaluation of each split: table, CSV / JSON, confusion PNG
+            if split in module.last_scores:
+                _report(module.last_scores[split], module.hparams.class_names, Path(cfg.paths.output_dir), split,
+                        trainer.loggers, trainer.global_step)
         write_metrics(metrics, cfg.paths.output_dir)
         cb = trainer.checkpoint_callback
         if cb is not None and cb.best_model_path:
@@ -155,17 +159,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics[f"{split}/IoU/{name}"] = float(v)
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
-        _report(result, module.hparams.class_names, out, split)
+        _report(result, module.hparams.class_names, out, split, trainer.loggers)
         write_metrics(metrics, out)
     del model
     return metrics
 
 
-def _report(result: dict[str, Any], class_names, out_dir: Path, split: str) -> None:
-    """Per-class table on the console and CSV / JSON / confusion PNG next to the run (setr.report)."""
-    try:
-        from setr import report
-    except ImportError:  # pragma: no cover - report module arrives with the evaluation work
-        return
+def _report(result: dict[str, Any], class_names, out_dir: Path, split: str, loggers=(), step: int | None = None) -> None:
+    """Per-class table on the console; CSV / JSON / confusion PNG next to the run; confusion + table to W&B."""
+    from setr import report
+
     report.print_table(result["scores"], class_names, title=f"{split} scores")
-    report.save_report(result["scores"], class_names, out_dir, result["confmat"])
+    paths = report.save_report(result["scores"], class_names, out_dir, result["confmat"], prefix=split)
+    report.log_to_wandb(loggers, paths, result["scores"], class_names, prefix=split, step=step)
+    log.info("%s report: %s", split, ", ".join(str(p) for p in paths.values()))

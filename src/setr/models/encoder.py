@@ -77,7 +77,8 @@ class ViTEncoder(nn.Module):
             pretrained=False,  # weights only ever come from local files (see load_pretrained)
             img_size=img_size,
             num_classes=0,
-            global_pool="",
+            # no pooling or classifier is ever run; DeiT's distilled model insists on its own 'token' pooling
+            **({} if "distilled" in ENCODERS[name] else {"global_pool": ""}),
             drop_rate=drop_rate,
             attn_drop_rate=attn_drop_rate,
             drop_path_rate=drop_path_rate,
@@ -97,6 +98,12 @@ class ViTEncoder(nn.Module):
         self.drop_prefix_tokens = drop_prefix_tokens
         self.pos_embed_interp = pos_embed_interp
         self.grad_checkpointing = grad_checkpointing
+        if drop_prefix_tokens:
+            # kept so checkpoints load, but dead: they are dropped before the first block, so never trained
+            for attr in ("cls_token", "dist_token", "reg_token"):
+                t = getattr(self.vit, attr, None)
+                if t is not None:
+                    t.requires_grad_(False)
         if pretrained:
             self.load_pretrained(pretrained)
 
