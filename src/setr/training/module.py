@@ -211,7 +211,8 @@ def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise SETRConfigError(f"ckpt_path: cannot read checkpoint {path} ({type(e).__name__}: {e})") from e
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise SETRConfigError(f"ckpt_path: cannot read checkpoint {path} ({type(e).__name__}: {reason})") from e
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise SETRConfigError(f"ckpt_path: {path} is not a checkpoint written by src/train.py (no hyper_parameters)")
     hp = dict(ckpt["hyper_parameters"])
