@@ -10,17 +10,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def tiny_data(train: int = 24, val: int = 8) -> list[str]:
+    """Overrides for ``train`` / ``val`` synthetic 64x64 images in batches of 4, read in the main process."""
+    return [
+        "data.crop_size=64",
+        "data.dataset.image_size=64",
+        "data.train_pipeline.0.img_scale=[64,64]",
+        f"data.dataset.num_samples={train}",
+        f"data.val_dataset.num_samples={val}",
+        "data.batch_size=4",
+        "data.val_batch_size=4",
+        "data.num_workers=0",
+    ]
+
+
 # a tiny SETR (dim 64, 4 blocks) on 64x64 synthetic images: a training step takes a few ms
 TINY = [
     "model/encoder=vit_test",
-    "data.crop_size=64",
-    "data.dataset.image_size=64",
-    "data.train_pipeline.0.img_scale=[64,64]",
-    "data.dataset.num_samples=24",
-    "data.val_dataset.num_samples=8",
-    "data.batch_size=4",
-    "data.val_batch_size=4",
-    "data.num_workers=0",
+    *tiny_data(),
     "extras.print_config=false",
     "callbacks=none",
     "+callbacks.ckpt._target_=lightning.pytorch.callbacks.ModelCheckpoint",

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 import fake_datasets as fake
+from conftest import write_tiny_checkpoint
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = ["01_data.ipynb"]
+NOTEBOOKS = ["01_data.ipynb", "02_predict.ipynb"]
 
 
 @pytest.fixture
@@ -53,17 +54,48 @@ def test_notebook_is_stored_without_outputs(name):
             assert cell.outputs == [] and cell.execution_count is None, f"{name}: clear the outputs before committing"
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_executes(name, venv_kernel, project_with_fake_data):
+def execute(name: str, kernel: str) -> tuple[str, int]:
+    """Run notebooks/<name> from a clean kernel; returns (its printed text, its number of figures)."""
     nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name=venv_kernel, timeout=60, startup_timeout=60,
+    client = nbclient.NotebookClient(nb, kernel_name=kernel, timeout=60, startup_timeout=60,
                                      resources={"metadata": {"path": str(ROOT / "notebooks")}})
     client.execute()  # raises CellExecutionError (with the cell's traceback) on any failing cell
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    return text, len(figures)
+
+
+def test_data_notebook_executes(venv_kernel, project_with_fake_data):
+    text, figures = execute("01_data.ipynb", venv_kernel)
     assert "8 samples, 4 classes" in text
     assert "ade20k: 2 val samples, 150 classes" in text and "cityscapes: 2 val samples, 19 classes" in text
     assert "pascal_context: not available" in text and "see data/README.md" in text
-    assert len(figures) == 4, "synthetic samples, augmentations, and one figure per present real dataset"
+    assert figures == 4, "synthetic samples, augmentations, and one figure per present real dataset"
+
+
+@pytest.mark.parametrize("source", ["SETR_CKPT", "fresh"])
+def test_predict_notebook_executes(source, venv_kernel, tmp_path, monkeypatch):
+    """With SETR_CKPT (an MLA checkpoint: the cls token is dropped before the blocks) and with no checkpoint
+    anywhere (PROJECT_ROOT without logs/: a freshly initialised tiny SETR-PUP, which keeps the cls token)."""
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path / "empty_project"))
+    if source == "SETR_CKPT":
+        ckpt = write_tiny_checkpoint(tmp_path / "mla.ckpt", head="mla")
+        monkeypatch.setenv("SETR_CKPT", str(ckpt))
+    else:
+        monkeypatch.delenv("SETR_CKPT", raising=False)
+    text, figures = execute("02_predict.ipynb", venv_kernel)
+    if source == "SETR_CKPT":
+        assert f"checkpoint: {ckpt} (from SETR_CKPT)" in text and "MEANINGLESS" not in text
+        token, prefix = 5, 0  # row 1 * 4 columns + col 1, no prefix token
+    else:
+        assert "no checkpoint" in text and "MEANINGLESS" in text
+        token, prefix = 6, 1
+    assert "4 classes: background, disc, rectangle, triangle" in text
+    for name, size in (("astronaut", "512x512"), ("coffee", "600x400"), ("camera", "512x512")):
+        assert f"{name}: photo {size}" in text
+    # the 512x512 photo runs at the 64x64 crop: pixel (130, 220) -> (16, 27) -> patch (1, 1) of 4x4
+    assert "-> model input (y=16, x=27) of 64x64 -> patch row 1, col 1 of the 4x4 grid" in text
+    assert f"-> token {token} ({prefix} prefix token(s) before the patches)" in text
+    assert figures == 2, "predictions, attention map"

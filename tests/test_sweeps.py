@@ -11,19 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import ROOT, run_entry
+from pipeline import ROOT, run_entry, tiny_data
 
 # a 2-step run on 8 synthetic 64x64 images, validated once at the end
 SMALL = [
     "model/encoder=vit_test",
-    "data.crop_size=64",
-    "data.dataset.image_size=64",
-    "data.train_pipeline.0.img_scale=[64,64]",
-    "data.dataset.num_samples=8",
-    "data.val_dataset.num_samples=4",
-    "data.batch_size=4",
-    "data.val_batch_size=4",
-    "data.num_workers=0",
+    *tiny_data(8, 4),
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "extras.print_config=false",

@@ -14,21 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ROOT, last_json
+from pipeline import ROOT, last_json, tiny_data
 
 pytestmark = pytest.mark.slow
 
 OVERRIDES = [
     "model/encoder=vit_test",
     "model/head=naive",
-    "data.crop_size=64",
-    "data.dataset.image_size=64",
-    "data.train_pipeline.0.img_scale=[64,64]",
-    "data.dataset.num_samples=8",
-    "data.val_dataset.num_samples=4",
-    "data.batch_size=4",
-    "data.val_batch_size=4",
-    "data.num_workers=0",
+    *tiny_data(8, 4),
     "trainer.val_check_interval=2",
     "extras.print_config=false",
     "callbacks=[model_checkpoint,wandb_samples]",

@@ -22,6 +22,26 @@ from torch import nn
 
 from setr.errors import SETRConfigError
 
+def is_tracing() -> bool:
+    """True inside ``torch.jit.trace``, the ONNX exporters and ``torch.export``. Tracers record one branch of a
+    Python ``if`` on shapes, so size-dependent steps (position-embedding resampling, padding) must then run
+    unconditionally for the exported graph to work at every input size."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def resample_pos_grid(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int], num_prefix: int,
+                      mode: str = "bilinear") -> torch.Tensor:
+    """Resample the patch part of position embeddings ``(1, num_prefix + oh*ow, C)`` to a ``new`` grid, as
+    ``timm.layers.resample_abs_pos_embed`` (no antialias) but without its same-size shortcut, so a tracer records
+    it; at the same size bilinear/bicubic interpolation is an exact identity."""
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    c = grid.shape[-1]
+    grid = grid.reshape(1, old[0], old[1], c).permute(0, 3, 1, 2).float()
+    grid = nn.functional.interpolate(grid, size=new, mode=mode, antialias=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, c).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
 # friendly name -> timm architecture. The timm name fixes width, depth and heads; the image size is ours.
 ENCODERS: dict[str, str] = {
     "vit_large_patch16": "vit_large_patch16_384",  # SETR T-Large: 24 layers, 1024 dim, 16 heads, MLP 4096
@@ -121,15 +141,8 @@ class ViTEncoder(nn.Module):
         b, h, w, c = x.shape
         pos = self.vit.pos_embed
         embed_prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
-        if (h, w) != self.grid_size:
-            pos = resample_abs_pos_embed(
-                pos,
-                new_size=(h, w),
-                old_size=self.grid_size,
-                num_prefix_tokens=embed_prefix,
-                interpolation=self.pos_embed_interp,
-                antialias=False,
-            )
+        if is_tracing() or (h, w) != self.grid_size:
+            pos = resample_pos_grid(pos, self.grid_size, (h, w), embed_prefix, self.pos_embed_interp)
         x = x.reshape(b, h * w, c)
         prefix = self._prefix_tokens(b)
         if self.vit.no_embed_class:
