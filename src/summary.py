@@ -19,8 +19,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from setr.summary import run_hydra_main  # noqa: E402
-from setr.utils.run import main_guard, print_last_line  # noqa: E402
+from setr.utils.run import main_guard, print_last_line, run_hydra_main  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="summary")

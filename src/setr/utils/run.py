@@ -291,3 +291,34 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, float) and math.isnan(o):
         return None
     return str(o)
+
+
+def hydra_error_line(e: BaseException) -> str:
+    """One line for a Hydra composition error (unknown group option, bad override, unknown key)."""
+    from hydra.errors import MissingConfigException
+
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if isinstance(e, MissingConfigException):
+        line = lines[0] if lines else "config not found"
+        if e.options:
+            line += f"; available: {', '.join(sorted(e.options))}"
+        return line
+    line = " ".join(lines[:3]) or type(e).__name__
+    if e.__cause__ is not None:
+        cause = str(e.__cause__).strip().splitlines()
+        if cause and cause[0] not in line:
+            line += f" ({cause[0]})"
+    return line
+
+
+def run_hydra_main(main: Callable[[], Any]) -> None:
+    """Call a ``@hydra.main`` function so that a config Hydra cannot compose ends in ONE ``error: ...`` line
+    on stderr and exit code 2 (Hydra itself prints several lines and exits 1)."""
+    from hydra.errors import HydraException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing; we report below
+    try:
+        main()
+    except HydraException as e:
+        print(f"error: {hydra_error_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
