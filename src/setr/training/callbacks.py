@@ -1,4 +1,4 @@
-"""Callbacks that need Lightning: W&B segmentation samples and per-class tables."""
+"""Callbacks that need Lightning: W&B segmentation samples and per-class tables, a step-budget progress bar."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
 
 def _wandb_loggers(trainer: L.Trainer) -> list[Any]:
@@ -67,3 +68,18 @@ class WandbSegmentationLogger(L.Callback):
             if table is not None:
                 payload["val/per_class"] = table
             lg.experiment.log(payload)
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, labelled for step budgets: with ``max_epochs=-1`` the stock label reads
+    ``Epoch 4/-2``; this one reads ``Epoch 4 (of 300 steps)``."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        max_epochs = trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        text = f"Epoch {current_epoch}"
+        if trainer.max_steps and trainer.max_steps > 0:
+            text += f" (of {trainer.max_steps} steps)"
+        return f"{text:{len(self.validation_description)}}"
