@@ -19,16 +19,6 @@ def _compose(overrides: tuple[str, ...], config_name: str):
         return compose(config_name, overrides=list(overrides))
 
 
-@pytest.fixture
-def compose_cfg() -> Callable[..., object]:
-    """``compose_cfg(["model=setr_mla", "data=ade20k"], config_name="train")`` -> the composed DictConfig."""
-
-    def compose(overrides=(), config_name: str = "train"):
-        return _compose(tuple(overrides), config_name)
-
-    return compose
-
-
 @lru_cache(maxsize=None)
 def _model_cfg(overrides: tuple[str, ...]) -> dict:
     from omegaconf import OmegaConf
@@ -47,18 +37,6 @@ def tiny_model_cfg(head: str = "naive", crop: int = 64, num_classes: int = 5, *o
     """A real head config (``conf/model/head/<head>.yaml``) on the 4-block, 64-wide test encoder."""
     return model_cfg(f"model/head={head}", "model/encoder=vit_test", f"data.crop_size={crop}",
                      f"data.num_classes={num_classes}", *overrides)
-
-
-@pytest.fixture(name="model_cfg")
-def model_cfg_fixture() -> Callable[..., dict]:
-    """``model_cfg("model=setr_mla", "data=cityscapes")`` -> the resolved ``model`` node (a plain dict)."""
-    return model_cfg
-
-
-@pytest.fixture(name="tiny_cfg")
-def tiny_cfg_fixture() -> Callable[..., dict]:
-    """``tiny_cfg("mla", 64, 5)`` -> the resolved ``model`` node of a tiny SETR (see :func:`tiny_model_cfg`)."""
-    return tiny_model_cfg
 
 
 @pytest.fixture
