@@ -130,9 +130,18 @@ def save_report(scores: Mapping[str, Any], class_names: Sequence[str], out_dir: 
     return paths
 
 
+def wandb_table(scores: Mapping[str, Any], class_names: Sequence[str]):
+    """The per-class ``wandb.Table`` (class, IoU, Acc; empty where a class never occurs)."""
+    import wandb
+
+    rows = score_rows(scores, class_names)
+    return wandb.Table(columns=["class", "IoU", "Acc"], data=[[r["class"], r["IoU"], r["Acc"]] for r in rows])
+
+
 def log_to_wandb(loggers: Sequence[Any], paths: Mapping[str, Path], scores: Mapping[str, Any],
-                 class_names: Sequence[str], prefix: str = "val", step: int | None = None) -> int:
-    """Log the confusion PNG and the per-class table to every W&B logger in ``loggers``; returns how many."""
+                 class_names: Sequence[str], prefix: str = "val", step: int | None = None, table: bool = True) -> int:
+    """Log the confusion PNG and (with ``table``) the per-class table to every W&B logger in ``loggers``;
+    returns how many."""
     from lightning.pytorch.loggers import WandbLogger
 
     targets = [lg for lg in loggers if isinstance(lg, WandbLogger)]
@@ -140,9 +149,7 @@ def log_to_wandb(loggers: Sequence[Any], paths: Mapping[str, Path], scores: Mapp
         return 0
     import wandb
 
-    rows = score_rows(scores, class_names)
-    payload: dict[str, Any] = {f"{prefix}/per_class": wandb.Table(
-        columns=["class", "IoU", "Acc"], data=[[r["class"], r["IoU"], r["Acc"]] for r in rows])}
+    payload: dict[str, Any] = {f"{prefix}/per_class": wandb_table(scores, class_names)} if table else {}
     if "confusion_png" in paths:
         payload[f"{prefix}/confusion"] = wandb.Image(str(paths["confusion_png"]))
     if step is not None:

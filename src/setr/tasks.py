@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from setr.errors import SETRConfigError
 from setr.training import SegDataModule, SETRModule
+from setr.training.callbacks import WandbSegmentationLogger
 from setr.utils.run import (
     check_config,
     collect_metrics,
@@ -111,10 +112,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(collect_metrics(trainer.callback_metrics, prefixes=("test/",)))
     metrics["global_step"] = float(trainer.global_step)
     if trainer.is_global_zero:
+        # W&B already has the last validation's per-class table when the samples callback ran
+        val_table_logged = any(isinstance(cb, WandbSegmentationLogger) for cb in trainer.callbacks)
         for split in ("val", "test"):  # the last evaluation of each split: table, CSV / JSON, confusion PNG
             if split in module.last_scores:
                 _report(module.last_scores[split], module.hparams.class_names, Path(cfg.paths.output_dir), split,
-                        trainer.loggers, trainer.global_step)
+                        trainer.loggers, trainer.global_step, wandb_table=not (split == "val" and val_table_logged))
         write_metrics(metrics, cfg.paths.output_dir)
         cb = trainer.checkpoint_callback
         if cb is not None and cb.best_model_path:
@@ -125,19 +128,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Score ``cfg.ckpt_path`` on ``cfg.data`` (its ``split``) with ``cfg.data.inference``."""
-    from setr.training.module import load_checkpoint_model
+    from setr.training.module import load_checkpoint_module
 
     check_config(cfg)
     extras(cfg)
-    ckpt = Path(str(cfg.ckpt_path))
-    model, meta = load_checkpoint_model(ckpt)
-    if meta["num_classes"] != cfg.data.num_classes:
+    module, _ = load_checkpoint_module(str(cfg.ckpt_path), inference=_plain(cfg.data.get("inference")))
+    if module.hparams.num_classes != cfg.data.num_classes:
         raise SETRConfigError(
-            f"data.num_classes: the checkpoint predicts {meta['num_classes']} classes, data={cfg.data.name} has "
-            f"{cfg.data.num_classes}")
+            f"data.num_classes: the checkpoint predicts {module.hparams.num_classes} classes, data={cfg.data.name} "
+            f"has {cfg.data.num_classes}")
     datamodule = SegDataModule(_plain(cfg.data), seed=cfg.seed)
-    module = SETRModule.load_from_checkpoint(str(ckpt), map_location="cpu", inference=_plain(cfg.data.get("inference")),
-                                             compile=False)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in ("max_epochs", "max_steps", "check_val_every_n_epoch", "val_check_interval", "sync_batchnorm",
@@ -161,15 +161,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         out = Path(cfg.paths.output_dir)
         _report(result, module.hparams.class_names, out, split, trainer.loggers)
         write_metrics(metrics, out)
-    del model
     return metrics
 
 
-def _report(result: dict[str, Any], class_names, out_dir: Path, split: str, loggers=(), step: int | None = None) -> None:
-    """Per-class table on the console; CSV / JSON / confusion PNG next to the run; confusion + table to W&B."""
+def _report(result: dict[str, Any], class_names, out_dir: Path, split: str, loggers=(), step: int | None = None,
+            wandb_table: bool = True) -> None:
+    """Per-class table on the console; CSV / JSON / confusion PNG next to the run; confusion (+ table) to W&B."""
     from setr import report
 
     report.print_table(result["scores"], class_names, title=f"{split} scores")
     paths = report.save_report(result["scores"], class_names, out_dir, result["confmat"], prefix=split)
-    report.log_to_wandb(loggers, paths, result["scores"], class_names, prefix=split, step=step)
+    report.log_to_wandb(loggers, paths, result["scores"], class_names, prefix=split, step=step, table=wandb_table)
     log.info("%s report: %s", split, ", ".join(str(p) for p in paths.values()))

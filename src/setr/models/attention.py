@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from setr.models.encoder import ViTEncoder
+from setr.models.encoder import ViTEncoder, pad_to_patch
 
 
 def _encoder(model: nn.Module) -> ViTEncoder:
@@ -28,12 +28,6 @@ def _encoder(model: nn.Module) -> ViTEncoder:
     if not isinstance(enc, ViTEncoder):
         raise TypeError(f"expected a SETR model or its ViTEncoder, got {type(model).__name__}")
     return enc
-
-
-def pad_to_patch(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """Zero-pad bottom / right to a multiple of ``patch``, as :class:`setr.models.SETR` does before the encoder."""
-    h, w = images.shape[-2:]
-    return F.pad(images, (0, (-w) % patch, 0, (-h) % patch))
 
 
 def num_prefix_in_blocks(model: nn.Module) -> int:

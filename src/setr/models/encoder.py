@@ -22,11 +22,23 @@ from torch import nn
 
 from setr.errors import SETRConfigError
 
+
 def is_tracing() -> bool:
     """True inside ``torch.jit.trace``, the ONNX exporters and ``torch.export``. Tracers record one branch of a
     Python ``if`` on shapes, so size-dependent steps (position-embedding resampling, padding) must then run
     unconditionally for the exported graph to work at every input size."""
     return torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def pad_to_patch(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Zero-pad ``(..., H, W)`` at the bottom / right to multiples of ``patch`` (what :class:`setr.models.SETR`
+    does before the encoder). A no-op at such sizes, except while traced, when the pad stays in the graph so
+    the exported model pads other sizes too."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = (patch - h % patch) % patch, (patch - w % patch) % patch
+    if is_tracing() or pad_h or pad_w:
+        x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
+    return x
 
 
 def resample_pos_grid(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, int], num_prefix: int,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from setr.errors import SETRConfigError
-from setr.models.encoder import ViTEncoder, is_tracing
+from setr.models.encoder import ViTEncoder, pad_to_patch
 from setr.models.heads import LinearAuxHead, MLAHead, MLANeck, UpHead
 from setr.models.norm import NORM_LAYERS
 
@@ -63,10 +63,7 @@ class SETR(nn.Module):
 
     def forward(self, x: torch.Tensor):
         h, w = x.shape[-2:]
-        p = self.encoder.patch_size
-        pad_h, pad_w = (p - h % p) % p, (p - w % p) % p
-        if is_tracing() or pad_h or pad_w:  # traced: the pad must stay in the graph for other sizes
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = pad_to_patch(x, self.encoder.patch_size)
         feats, where = self._features(x)
         size = x.shape[-2:]
 

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
+from setr.report import wandb_table
+
 
 def _wandb_loggers(trainer: L.Trainer) -> list[Any]:
     from lightning.pytorch.loggers import WandbLogger
@@ -56,11 +58,7 @@ class WandbSegmentationLogger(L.Callback):
                 }, caption=f"val sample {i}"))
             pl_module.train(was_training)
         scores = pl_module.last_scores.get("val", {}).get("scores")
-        table = None
-        if scores is not None:
-            table = wandb.Table(columns=["class", "IoU", "Acc"], data=[
-                [n, float(iou), float(acc)] for n, iou, acc in zip(hp.class_names, scores["iou"], scores["acc"])
-            ])
+        table = wandb_table(scores, hp.class_names) if scores is not None else None
         for lg in loggers:
             payload = {"trainer/global_step": trainer.global_step}
             if images:

@@ -198,13 +198,11 @@ class SETRModule(L.LightningModule):
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
 
 
-def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SETR, dict[str, Any]]:
-    """Load a training checkpoint for inference: ``(SETR in eval mode, meta)``.
-
-    ``meta`` holds ``num_classes, class_names, palette, mean, std, ignore_index, inference, crop_size`` (and
-    ``config``, the resolved run config, when the checkpoint has it). A missing or foreign file gives one
-    :class:`SETRConfigError` line naming it.
-    """
+def load_checkpoint_module(path: str | Path, map_location: str | torch.device = "cpu",
+                           **overrides: Any) -> tuple[SETRModule, dict[str, Any]]:
+    """Load a checkpoint written by src/train.py: ``(SETRModule, checkpoint dict)``, with ``overrides`` of its
+    hyperparameters (e.g. ``inference=...``; ``compile`` is always off). A missing or foreign file gives one
+    :class:`SETRConfigError` line naming it."""
     path = Path(path)
     if not path.is_file():
         raise SETRConfigError(f"ckpt_path: checkpoint {path} not found")
@@ -215,13 +213,23 @@ def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "
         raise SETRConfigError(f"ckpt_path: cannot read checkpoint {path} ({type(e).__name__}: {reason})") from e
     if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise SETRConfigError(f"ckpt_path: {path} is not a checkpoint written by src/train.py (no hyper_parameters)")
-    hp = dict(ckpt["hyper_parameters"])
-    hp["compile"] = False
+    hp = {**ckpt["hyper_parameters"], **overrides, "compile": False}
     module = SETRModule(**hp)
     module.load_state_dict(strip_compile_prefix(ckpt["state_dict"]))
-    model = module.model.eval().to(map_location)
+    return module.to(map_location), ckpt
+
+
+def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SETR, dict[str, Any]]:
+    """Load a training checkpoint for inference: ``(SETR in eval mode, meta)``.
+
+    ``meta`` holds ``num_classes, class_names, palette, mean, std, ignore_index, inference, crop_size`` (and
+    ``config``, the resolved run config, when the checkpoint has it). A missing or foreign file gives one
+    :class:`SETRConfigError` line naming it.
+    """
+    module, ckpt = load_checkpoint_module(path, map_location)
+    hp = module.hparams
     meta = {k: hp[k] for k in ("num_classes", "class_names", "palette", "mean", "std", "ignore_index",
                                "inference", "crop_size")}
     if "config" in ckpt:
         meta["config"] = ckpt["config"]
-    return model, meta
+    return module.model.eval(), meta
