@@ -214,18 +214,18 @@ def make_pascal_context(root: str | Path, n_train: int = 4, n_val: int = 2, conv
     return root
 
 
-
 # ------------------------------------------------------------------------------------------ folder
-def folder_raw(split: str, i: int) -> np.ndarray:
-    raw = _layout((0, 1, 2), seed=(0 if split == "train" else 100) + i)
+def folder_raw(split: str, i: int, size: tuple[int, int] = (H, W)) -> np.ndarray:
+    raw = _layout((0, 1, 2), seed=(0 if split == "train" else 100) + i, h=size[0], w=size[1])
     raw[-1, -4:] = 255
     return raw
 
 
-def make_folder(root: str | Path, n_train: int = 4, n_val: int = 2, layout: str = "split_dirs") -> Path:
+def make_folder(root: str | Path, n_train: int = 4, n_val: int = 2, layout: str = "split_dirs",
+                size: tuple[int, int] = (H, W)) -> Path:
     """``root/images/<split>/*.png`` + ``root/masks/<split>/*.png`` (``layout="split_dirs"``) or flat
     ``images/``, ``masks/`` with ``splits/<split>.txt`` (``layout="lists"``), plus ``classes.yaml`` with 3
-    classes; returns ``root``."""
+    classes; images are ``size`` = (height, width) pixels. Returns ``root``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "classes.yaml").write_text(
@@ -234,7 +234,7 @@ def make_folder(root: str | Path, n_train: int = 4, n_val: int = 2, layout: str 
     for split, n in (("train", n_train), ("val", n_val)):
         stems = [f"{split}_{i:03d}" for i in range(n)]
         for i, stem in enumerate(stems):
-            raw = folder_raw(split, i)
+            raw = folder_raw(split, i, size)
             sub = split if layout == "split_dirs" else ""
             _save(_image(raw, i), root / "images" / sub / f"{stem}.png")
             _save(raw, root / "masks" / sub / f"{stem}.png")
@@ -242,3 +242,13 @@ def make_folder(root: str | Path, n_train: int = 4, n_val: int = 2, layout: str 
             (root / "splits").mkdir(exist_ok=True)
             (root / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in stems))
     return root
+
+
+# ------------------------------------------------------------------------------------------ damage
+def truncate(path: str | Path) -> Path:
+    """Cut the second half of a file: the header still opens (size and mode readable without decoding), the
+    pixel data ends early, so only decoding the pixels fails -- what an interrupted copy or download leaves."""
+    path = Path(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import yaml
 from PIL import Image
 
 import fake_datasets as fake
-from setr.data import build_dataset, build_pipeline
+from setr.data import DATASETS, SegDataset, build_dataset, build_pipeline, register_dataset
 from setr.data import convert as conv
 from setr.data.ade20k import ADE20K
 from setr.data.cityscapes import Cityscapes
@@ -88,8 +90,51 @@ def test_registry_offers_every_dataset(trees):
         root = trees["folder" if name == "folder" else "pascal_context" if name.startswith("pascal") else name]
         ds = build_dataset(name, "val", root=str(root))
         assert type(ds) is cls
-    with pytest.raises(SETRConfigError, match="data.dataset"):
+    with pytest.raises(SETRConfigError, match=r"data\.dataset"):
         build_dataset("ade20k", "train", root=str(trees["ade20k"]), no_such_option=1)
+
+
+BUILTIN = ["ade20k", "cityscapes", "folder", "pascal_context", "pascal_context_59", "synthetic"]
+
+
+def test_registry_is_complete_on_import():
+    """One mechanism: every built-in class carries ``@register_dataset``, and importing the registry imports them
+    (a fresh interpreter, so no other test has imported a dataset module first)."""
+    code = "from setr.data.registry import DATASETS; print(' '.join(sorted(DATASETS)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == BUILTIN
+
+
+def test_register_dataset_decorator_and_unknown_names():
+    @register_dataset("test_only")
+    class TestOnly(SegDataset):
+        def __init__(self, split: str = "train", **kw) -> None:
+            super().__init__(**kw)
+
+    try:
+        assert DATASETS["test_only"] is TestOnly
+        assert type(build_dataset("test_only", "val")) is TestOnly
+        register_dataset("test_only")(TestOnly)  # the same class again: harmless (a module imported twice)
+        with pytest.raises(ValueError, match="'test_only' is already registered"):
+            register_dataset("test_only")(type("Other", (SegDataset,), {}))
+    finally:
+        DATASETS.pop("test_only")
+    with pytest.raises(SETRConfigError, match="data.name: unknown dataset 'nope'; choose one of " + ", ".join(BUILTIN)
+                       ) as e:
+        build_dataset("nope", "train")
+    _one_line(e)
+
+
+def test_layout_helpers_live_in_one_module():
+    """Every file-based dataset finds and pairs its files with the helpers of setr.data.layout."""
+    from setr.data import ade20k, cityscapes, folder, layout, pascal_context
+
+    for module in (ade20k, cityscapes, folder, pascal_context):
+        assert module.resolve_root is layout.resolve_root and module.files_by_key is layout.files_by_key, module
+    assert ade20k.pair_files is cityscapes.pair_files is folder.pair_files is layout.pair_files
+    assert folder.pair_listed is pascal_context.pair_listed is layout.pair_listed  # split lists
+    assert folder.read_split_list is pascal_context.read_split_list is layout.read_split_list
+    assert not hasattr(cityscapes.Cityscapes, "_pair")  # no pairing of its own
 
 
 # ------------------------------------------------------------------------------------------ ADE20K
@@ -119,16 +164,16 @@ def _cityscapes_index(path: Path) -> int:
 def test_cityscapes_label_ids_and_converted_train_ids_agree(tmp_path):
     root = fake.make_cityscapes(tmp_path / "cs")
     on_the_fly = Cityscapes("train", root=root)
-    assert len(on_the_fly) == 4 and {k for _, _, k in on_the_fly.samples} == {"label_ids"}
+    assert len(on_the_fly) == 4 and {m.name.endswith("_labelIds.png") for _, m in on_the_fly.samples} == {True}
     assert on_the_fly.num_classes == 19 and on_the_fly.palette == CITYSCAPES_PALETTE
-    with pytest.raises(DataError, match="setr.data.convert cityscapes"):
+    with pytest.raises(DataError, match=r"setr\.data\.convert cityscapes"):
         Cityscapes("train", root=root, label_type="train_ids")
 
     assert conv.main(["cityscapes", str(root), "--workers", "2"]) == 0
     written = sorted(root.rglob("*_gtFine_labelTrainIds.png"))
     assert len(written) == 6  # 4 train + 2 val
     converted = Cityscapes("train", root=root)  # auto: the converted files are used now
-    assert {k for _, _, k in converted.samples} == {"train_ids"}
+    assert {m.name.endswith("_labelTrainIds.png") for _, m in converted.samples} == {True}
     forced = Cityscapes("train", root=root, label_type="label_ids")
     for i in range(len(converted)):
         expected = fake.expected_cityscapes("train", _cityscapes_index(converted.samples[i][0]))
@@ -296,8 +341,14 @@ def test_unmatched_files_and_count_mismatch(tmp_path):
 
     pc = fake.make_pascal_context(tmp_path / "pc", n_train=2, n_val=1)
     (pc / "VOCdevkit/VOC2010/JPEGImages/2009_000001.jpg").unlink()
-    with pytest.raises(DataError, match=r"2009_000001\.jpg: listed in .*val\.txt"):
+    with pytest.raises(DataError, match=r"val\.txt: lists '2009_000001' but .*JPEGImages has no such image") as e:
         PascalContext("val", root=pc)
+    _one_line(e)
+    (pc / "VOCdevkit/VOC2010/SegmentationClassContext/2008_000002.png").unlink()
+    with pytest.raises(DataError, match=r"no label file for 2008_000002\.jpg"):
+        PascalContext("train", root=pc)
+    skipping = PascalContext("train", root=pc, skip_bad=True)
+    assert len(skipping) == 2 and len(skipping.skipped) == 1  # 2 listed + the polygon image, one without label
     (pc / "VOCdevkit/VOC2010/ImageSets/SegmentationContext/train.txt").unlink()
     with pytest.raises(DataError, match=r"train\.txt: split list not found.*setr\.data\.convert pascal_context"):
         PascalContext("train", root=pc)
@@ -348,7 +399,10 @@ def test_truncated_and_unreadable_images(tmp_path):
         FolderDataset("train", root=folder)[0]
 
 
-def test_skip_bad_skips_and_counts(tmp_path):
+@pytest.mark.parametrize("check, skipped", [("quick", 3), ("full", 4)])
+def test_skip_bad_skips_and_counts(tmp_path, check, skipped):
+    """``skip_bad`` leaves out what the listing and the pre-flight check (``data.check``) reject: a missing
+    label, an unreadable file and a size mismatch at ``quick``; label values too at ``full``."""
     root = fake.make_ade20k(tmp_path / "ade", n_train=5, n_val=1)
     base = root / "ADEChallengeData2016"
     (base / "images/training/ADE_train_00000001.jpg").write_bytes(b"garbage")          # unreadable
@@ -356,14 +410,14 @@ def test_skip_bad_skips_and_counts(tmp_path):
     Image.fromarray(np.full((fake.H, fake.W), 200, np.uint8)).save(
         base / "annotations/training/ADE_train_00000003.png")                          # bad values
     Image.fromarray(np.ones((8, 8), np.uint8)).save(base / "annotations/training/ADE_train_00000004.png")  # size
-    ds = build_dataset("ade20k", "train", root=str(root), skip_bad=True)
-    assert len(ds) == 1 and ds.samples[0][0].name == "ADE_train_00000005.jpg"
-    assert len(ds.skipped) == 4
-    for n in range(1, 5):
+    ds = build_dataset("ade20k", "train", root=str(root), skip_bad=True, check=check)
+    assert len(ds) == 5 - skipped and ds.samples[-1][0].name == "ADE_train_00000005.jpg"
+    assert len(ds.skipped) == skipped
+    for n in (1, 2, 4, 3)[:skipped]:
         assert any(f"ADE_train_0000000{n}" in s for s in ds.skipped), ds.skipped
-    np.testing.assert_array_equal(_mask(ds, 0), fake.expected_ade20k("training", 4))
+    np.testing.assert_array_equal(_mask(ds, len(ds) - 1), fake.expected_ade20k("training", 4))
     with pytest.raises(DataError):
-        build_dataset("ade20k", "train", root=str(root), skip_bad=False)
+        build_dataset("ade20k", "train", root=str(root), skip_bad=False, check=check)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -509,7 +563,7 @@ def test_train_entry_point_on_each_fake_tree(tmp_path, name, classes):
     args = [f"data={name}", f"paths.data_dir={data_dir}", "model/encoder=vit_test", "data.crop_size=64",
             "data.train_pipeline.0.img_scale=[112,80]", "data.val_pipeline.0.img_scale=[112,80]",
             "data.inference.stride=32", "data.batch_size=2", "data.num_workers=0", "data.persistent_workers=false",
-            "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks=none", "extras.print_config=false",
+            "trainer.max_steps=2", "trainer.val_check_interval=2", "extras.print_config=false",
             f"hydra.run.dir={tmp_path / 'run'}"]
     if name == "folder":
         args.append("data.num_classes=3")

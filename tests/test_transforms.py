@@ -88,18 +88,81 @@ def test_rescale_to_the_test_scale():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_cat_max_ratio_crop_alignment_and_padding(seed):
+def test_cat_max_ratio_crop_alignment_and_no_padding(seed):
     img, mask = shape_pair(120, 160)
     out = A.Compose([CatMaxRatioCrop(64, 64, cat_max_ratio=0.75)], seed=seed)(image=img, mask=mask)
     assert out["image"].shape == (64, 64, 3) and out["mask"].shape == (64, 64)
     if (out["mask"] == 1).any():
         assert_aligned(out["image"], out["mask"])
-    # smaller than the crop: padded at the bottom-right with image 0 and mask 255 (ignored)
-    small_img, small_mask = shape_pair(40, 56)
+    # smaller than the crop in one side: cropped in the other only, not padded (mmseg's RandomCrop; the
+    # padding comes after Normalize, see below)
+    small_img, small_mask = shape_pair(40, 156)
     out = A.Compose([CatMaxRatioCrop(64, 64, cat_max_ratio=0.75)], seed=seed)(image=small_img, mask=small_mask)
-    np.testing.assert_array_equal(out["mask"][:40, :56], small_mask)
-    assert (out["mask"][40:] == 255).all() and (out["mask"][:, 56:] == 255).all()
-    assert (out["image"][40:] == 0).all() and (out["image"][:, 56:] == 0).all()
+    assert out["image"].shape == (40, 64, 3) and out["mask"].shape == (40, 64)
+    x0 = next(x for x in range(156 - 64 + 1) if np.array_equal(small_img[:, x : x + 64], out["image"]))
+    np.testing.assert_array_equal(out["mask"], small_mask[:, x0 : x0 + 64])
+
+
+def _padding_pipeline(distortion: dict | None = None, crop: int = 64) -> A.Compose:
+    steps = [{"_target_": "setr.data.transforms.CatMaxRatioCrop", "height": crop, "width": crop,
+              "cat_max_ratio": 0.75}]
+    if distortion is not None:
+        steps.append({"_target_": "setr.data.transforms.PhotoMetricDistortion", **distortion})
+    return build_pipeline(steps, MEAN, STD, seed=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_crop_is_padded_after_normalisation_as_mmseg(seed):
+    """mmseg 0.x: RandomCrop, ..., PhotoMetricDistortion, Normalize, Pad(size=crop, pad_val=0, seg_pad_val=255):
+    padded image pixels are exactly 0 after normalisation (the mean colour), padded labels 255, at the bottom
+    and right; the real pixels are the normalised image, untouched by the padding."""
+    img, mask = shape_pair(40, 56)
+    pipe = _padding_pipeline()
+    pipe.set_random_seed(seed)
+    out = pipe(image=img, mask=mask)
+    image, m = out["image"].numpy(), out["mask"].numpy()
+    assert image.shape == (3, 64, 64) and m.shape == (64, 64)
+    assert (image[:, 40:] == 0).all() and (image[:, :, 56:] == 0).all()
+    assert (m[40:] == 255).all() and (m[:, 56:] == 255).all()
+    np.testing.assert_array_equal(m[:40, :56], mask)
+    expected = (img.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)
+    np.testing.assert_allclose(image[:, :40, :56].transpose(1, 2, 0), expected, atol=1e-4)
+
+
+def test_photometric_distortion_sees_only_real_pixels():
+    """With a brightness shift always drawn, the padded pixels still come out exactly 0 (never shifted), the
+    real ones shifted; and the same seed gives the same distortion of the real pixels as without padding."""
+    img, mask = shape_pair(40, 56)
+    distortion = {"brightness_delta": 32, "contrast_range": [1.0, 1.0], "saturation_range": [1.0, 1.0],
+                  "hue_delta": 0}
+    pipe = _padding_pipeline(distortion)
+    reference = _padding_pipeline(distortion, crop=40)  # 40x40 crop of a 40x56 image: no padding at all
+    shifted = 0
+    for seed in range(8):
+        pipe.set_random_seed(seed)
+        image = pipe(image=img, mask=mask)["image"].numpy()
+        assert (image[:, 40:] == 0).all() and (image[:, :, 56:] == 0).all()
+        real = image[:, :40, :56].transpose(1, 2, 0) * np.float32(STD) + np.float32(MEAN)
+        shifted += not np.allclose(real, img, atol=1e-3)
+    assert shifted, "no brightness shift was drawn in 8 seeds"
+    assert reference(image=img, mask=mask)["image"].shape == (3, 40, 40)
+
+
+def test_synthetic_default_pipeline_keeps_its_crop_size():
+    cfg = yaml.safe_load((CONF / "data" / "synthetic.yaml").read_text())
+    steps = [{k: (cfg["crop_size"] if v == "${data.crop_size}" else v) for k, v in st.items()}
+             for st in cfg["train_pipeline"]]
+    pipe = build_pipeline(steps, MEAN, STD, seed=0)
+    img, mask = shape_pair(128, 128)
+    sizes = set()
+    for seed in range(12):  # rescale ratios 0.5..2: crops smaller (padded) and larger than 128 (cropped)
+        pipe.set_random_seed(seed)
+        out = pipe(image=img, mask=mask)
+        assert tuple(out["image"].shape) == (3, 128, 128) and tuple(out["mask"].shape) == (128, 128)
+        padded = out["mask"].numpy() == 255
+        sizes.add(bool(padded.any()))
+        assert (out["image"].numpy()[:, padded] == 0).all()
+    assert sizes == {True, False}
 
 
 def test_cat_max_ratio_prefers_mixed_crops():

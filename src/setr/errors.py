@@ -2,13 +2,39 @@
 
 Entry points catch :class:`SETRConfigError` (and its subclasses) and print its message as a single line, so
 a wrong key, a missing file or bad data never ends in a traceback from deep inside a library.
+
+An error raised inside a DataLoader worker process (a bad image read by ``data.num_workers > 0`` workers, the
+real datasets' default) reaches the main process rebuilt by torch's ``ExceptionWrapper.reraise()`` as
+``DataError("Caught DataError in DataLoader worker process 0.\\nOriginal Traceback ...")``: the worker's whole
+traceback as the message. The constructor recognises that form and keeps only the original message, so every
+catcher (the entry points, a notebook, Lightning's teardown) sees the same one line naming the file.
 """
 
 from __future__ import annotations
 
+import re
+
+# torch/utils/data/_utils/__init__.py, ExceptionWrapper.reraise: f"Caught {name} {where}.\nOriginal {traceback}"
+_WORKER_WRAPPED = re.compile(r"Caught \w+ in .*\.\nOriginal ")
+
+
+def _original_message(msg: str, cls: type[BaseException]) -> str:
+    """The message the worker raised, taken from the last ``<module>.<class>: <message>`` line of its traceback
+    (a chained cause comes first, the exception itself last); unknown layouts fall back to the last line."""
+    if not _WORKER_WRAPPED.match(msg):
+        return msg
+    lines = msg.rstrip("\n").splitlines()
+    prefix = f"{cls.__module__}.{cls.__qualname__}: "
+    return next((ln[len(prefix):] for ln in reversed(lines) if ln.startswith(prefix)), lines[-1])
+
 
 class SETRConfigError(ValueError):
     """A configuration value, file or dataset that cannot be used; the message names it and says why."""
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_original_message(args[0], type(self)),)
+        super().__init__(*args)
 
 
 class DataError(SETRConfigError):

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from setr.data.base import IGNORE_INDEX, SegDataset
-from setr.data.folder import check_raw_values, files_by_key, pair_files, reduce_zero_label, require_dir, resolve_root
+from setr.data.base import IGNORE_INDEX, SegDataset, check_raw_values, reduce_zero_label
+from setr.data.layout import files_by_key, pair_files, require_dir, resolve_root, split_folder
 from setr.data.palettes import ADE20K_CLASSES, ADE20K_PALETTE
 from setr.data.registry import register_dataset
-from setr.errors import SETRConfigError
 
 LAYOUT = "ADEChallengeData2016/{images,annotations}/{training,validation}"
 SPLITS = {"train": "training", "val": "validation", "test": "validation",
           "training": "training", "validation": "validation"}
 
 
+@register_dataset("ade20k")
 class ADE20K(SegDataset):
     """ADE20K scene parsing, 150 classes (``reduce_zero_label``)."""
 
@@ -36,12 +36,11 @@ class ADE20K(SegDataset):
     def __init__(self, split: str = "train", root: str | Path = "data/ade20k", transform=None,
                  keep_original_mask: bool = False, skip_bad: bool = False) -> None:
         super().__init__(transform=transform, keep_original_mask=keep_original_mask, skip_bad=skip_bad)
-        if split not in SPLITS:
-            raise SETRConfigError(f"data.split: unknown ADE20K split {split!r}; use train, val or test")
+        folder = split_folder(split, SPLITS, "ADE20K")
         self.split = split
         base = resolve_root(root, "ADE20K", LAYOUT, ("ADEChallengeData2016",), "images")
-        img_dir = require_dir(base / "images" / SPLITS[split], "ADE20K", LAYOUT)
-        ann_dir = require_dir(base / "annotations" / SPLITS[split], "ADE20K", LAYOUT)
+        img_dir = require_dir(base / "images" / folder, "ADE20K", LAYOUT)
+        ann_dir = require_dir(base / "annotations" / folder, "ADE20K", LAYOUT)
         self.root = base
         self.samples = pair_files(files_by_key(img_dir), files_by_key(ann_dir, exts=(".png",)), img_dir, ann_dir,
                                   skip_bad, self.skipped)
@@ -51,6 +50,3 @@ class ADE20K(SegDataset):
         check_raw_values(raw, lambda v: ((v >= 0) & (v <= n)) | (v == IGNORE_INDEX), path,
                          f"ADE20K annotations hold 0 = unlabelled, 1..{n} = the classes, 255 = ignored")
         return reduce_zero_label(raw)
-
-
-register_dataset("ade20k", ADE20K)

@@ -7,13 +7,16 @@ A dataset knows nothing of Lightning. It yields dicts:
 * ``index``: the sample's position, so predictions can be traced back to ``samples[index]``.
 
 Subclasses fill :attr:`samples` (pairs of image and mask paths, or anything :meth:`load` understands) and
-override :meth:`load` / :meth:`map_labels`. Bad files raise :class:`setr.errors.DataError` naming the file, or,
-with ``skip_bad=True``, are skipped and counted in :attr:`skipped` (checked once, when the dataset is built).
+override :meth:`load` / :meth:`map_labels`. Bad files raise :class:`setr.errors.DataError` naming the file.
+:meth:`check_sample` is what the pre-flight check (:mod:`setr.data.check`, ``data.check``) runs on every sample
+when the dataset is built; with ``skip_bad=True`` the samples it rejects are left out and listed in
+:attr:`skipped` instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,35 +37,69 @@ def default_palette(n: int, seed: int = 7) -> list[tuple[int, int, int]]:
     return [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(n)]
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 ``(H, W, 3)``; grayscale, RGBA, palette and 16-bit inputs are converted."""
+# label images hold one class id per pixel: one channel, 8 or 16 bits or 32-bit integers (palette: the indices)
+MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "1")
+
+
+@contextmanager
+def open_image(path: str | Path, what: str = "image") -> Iterator[Image.Image]:
+    """``PIL.Image.open`` (which reads only the header; pixels are decoded by ``load``) with every way a file can
+    be missing, unreadable or truncated turned into one :class:`DataError` line naming it."""
     try:
         with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                hi = arr.max() if arr.max() > 0 else 1.0
-                arr = (arr / hi * 255.0).round().astype(np.uint8)
-                return np.stack([arr] * 3, axis=-1)
-            return np.asarray(im.convert("RGB"))
+            yield im
+    except DataError:
+        raise  # already one line naming the file (a DataError is a ValueError too)
     except FileNotFoundError as e:
-        raise DataError(f"{path}: image file not found") from e
+        raise DataError(f"{path}: {what} file not found") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: unreadable or truncated image ({e})") from e
+        raise DataError(f"{path}: unreadable or truncated {what} ({e})") from e
+
+
+def check_mask_mode(im: Image.Image, path: str | Path) -> None:
+    """A colour label image (RGB: a rendering of the classes, not their ids) would be read as garbage ids."""
+    if im.mode not in MASK_MODES:
+        raise DataError(f"{path}: label image has mode {im.mode}; expected one channel of class ids")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8 ``(H, W, 3)``; grayscale, RGBA, palette and 16-bit inputs are converted."""
+    with open_image(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            hi = arr.max() if arr.max() > 0 else 1.0
+            arr = (arr / hi * 255.0).round().astype(np.uint8)
+            return np.stack([arr] * 3, axis=-1)
+        return np.asarray(im.convert("RGB"))
 
 
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a label image as its raw integer values ``(H, W)`` (palette indices, not colours)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
-                raise DataError(f"{path}: label image has mode {im.mode}; expected one channel of class ids")
-            return np.asarray(im).astype(np.int64)
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: label file not found") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: unreadable or truncated label image ({e})") from e
+    with open_image(path, "label image") as im:
+        check_mask_mode(im, path)
+        im.load()
+        return np.asarray(im).astype(np.int64)
+
+
+def check_raw_values(raw: np.ndarray, allowed: Callable[[np.ndarray], np.ndarray], path: str | Path,
+                     what: str) -> None:
+    """Raise one line naming ``path`` and the first offending values when some raw label values are not
+    ``allowed`` (a boolean function of the array); ``what`` says which values are valid. Values are never
+    relabelled silently: a wrong label file is reported, not trained on."""
+    bad = ~allowed(raw)
+    if bad.any():
+        values = sorted(int(v) for v in np.unique(raw[bad]))
+        shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+        raise DataError(f"{path}: label values [{shown}] are not valid ({what})")
+
+
+def reduce_zero_label(raw: np.ndarray) -> np.ndarray:
+    """0 -> 255 (ignored), ``v -> v - 1`` for the others, 255 stays 255 (mmseg ``reduce_zero_label``)."""
+    out = raw.astype(np.int64) - 1
+    out[raw == 0] = IGNORE_INDEX
+    out[raw == IGNORE_INDEX] = IGNORE_INDEX
+    return out
 
 
 class SegDataset(torch.utils.data.Dataset):
@@ -73,7 +110,8 @@ class SegDataset(torch.utils.data.Dataset):
             arrays.
         keep_original_mask: apply ``transform`` to the image only and return the mask at its original size (how
             validation is scored in mmsegmentation: logits are resized to the label).
-        skip_bad: check every sample once at start and skip (and count) bad ones instead of raising.
+        skip_bad: leave out (and list in :attr:`skipped`) the samples that the listing and the pre-flight check
+            reject, instead of raising.
     """
 
     class_names: Sequence[str] = ()
@@ -101,44 +139,52 @@ class SegDataset(torch.utils.data.Dataset):
         img_path, mask_path = self.samples[index]
         image = read_image(img_path)
         mask = self.map_labels(read_mask(mask_path), mask_path)
-        self.check_pair(image, mask, img_path, mask_path)
+        self.check_pair(image.shape[:2], mask.shape[:2], img_path, mask_path)
         return image, mask
 
     def map_labels(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
         """Map raw label values to ``0..C-1`` / 255; the default checks they already are."""
         return self.check_labels(raw, path)
 
+    def sample_files(self, index: int) -> tuple[Path, Path] | None:
+        """The image and label files of sample ``index`` (what the pre-flight check opens), or None for datasets
+        whose samples are not files (generated ones have nothing to check)."""
+        img_path, mask_path = self.samples[index][:2]
+        return Path(img_path), Path(mask_path)
+
     # -- helpers ------------------------------------------------------------------------------------
     def check_labels(self, mask: np.ndarray, path: str | Path) -> np.ndarray:
-        bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
-        if bad.any():
-            values = sorted(int(v) for v in np.unique(mask[bad]))[:5]
-            raise DataError(
-                f"{path}: label values {values} are outside the {self.num_classes} classes "
-                f"(0..{self.num_classes - 1}) and the ignore value {self.ignore_index}"
-            )
+        n, ignore = self.num_classes, self.ignore_index
+        check_raw_values(mask, lambda v: ((v >= 0) & (v < n)) | (v == ignore), path,
+                         f"the {n} classes are 0..{n - 1}, {ignore} is ignored")
         return mask
 
     @staticmethod
-    def check_pair(image: np.ndarray, mask: np.ndarray, img_path, mask_path) -> None:
-        if image.shape[:2] != mask.shape[:2]:
-            raise DataError(
-                f"{mask_path}: label size {mask.shape[1]}x{mask.shape[0]} differs from image {img_path} "
-                f"size {image.shape[1]}x{image.shape[0]}"
-            )
+    def check_pair(image_hw: tuple[int, int], mask_hw: tuple[int, int], img_path, mask_path) -> None:
+        """Image and label of one sample must have one size (``(height, width)`` each)."""
+        if tuple(image_hw) != tuple(mask_hw):
+            raise DataError(f"{mask_path}: label size {mask_hw[1]}x{mask_hw[0]} differs from image {img_path} "
+                            f"size {image_hw[1]}x{image_hw[0]}")
 
-    def validate(self) -> None:
-        """With ``skip_bad``: load every sample once, drop the bad ones and record them in :attr:`skipped`."""
-        if not self.skip_bad:
+    def check_sample(self, index: int, level: str = "quick") -> None:
+        """Raise one :class:`DataError` line naming the file if sample ``index`` cannot be trained on.
+
+        ``quick`` opens both files' headers only (no pixels decoded: milliseconds per sample): they exist, are
+        images, have one size, and the label has one channel. ``full`` also decodes both and maps the labels
+        through :meth:`map_labels`, exactly as training will (:meth:`load`), so truncated pixel data and label
+        values outside the classes are found too."""
+        files = self.sample_files(index)
+        if files is None or level == "off":
             return
-        good = []
-        for i, s in enumerate(self.samples):
-            try:
-                self.load(i)
-                good.append(s)
-            except DataError as e:
-                self.skipped.append(str(e))
-        self.samples = good
+        img_path, mask_path = files
+        with open_image(img_path) as im:
+            image_hw = (im.height, im.width)
+        with open_image(mask_path, "label image") as m:
+            check_mask_mode(m, mask_path)
+            mask_hw = (m.height, m.width)
+        self.check_pair(image_hw, mask_hw, img_path, mask_path)
+        if level == "full":
+            self.load(index)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         """``dataset[i]``, or ``dataset[(i, seed)]`` to draw the augmentation with that seed (reproducible

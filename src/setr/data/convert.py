@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 
 from setr.data.base import read_mask
 from setr.data.cityscapes import LABEL_IDS_SUFFIX, TRAIN_IDS_SUFFIX, label_ids_to_train_ids
-from setr.data.folder import resolve_root
+from setr.data.layout import resolve_root
 from setr.data.palettes import PASCAL_CONTEXT_CLASSES, PASCAL_CONTEXT_DETAIL_IDS
 from setr.errors import DataError, SETRConfigError
 
@@ -141,7 +141,7 @@ def mask_to_rle_counts(mask: np.ndarray) -> list[int]:
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     bounds = np.concatenate([[0], change, [flat.size]])
     runs = np.diff(bounds).tolist()
-    return ([0] + runs) if flat.size and flat[0] else runs
+    return [0, *runs] if flat.size and flat[0] else runs
 
 
 def decode_segmentation(seg: Any, h: int, w: int) -> np.ndarray:

@@ -18,127 +18,31 @@ with a name and an RGB colour::
       - {name: road, color: [128, 64, 128]}
       - building                 # no colour: a fixed generated one
 
-The layout helpers here (:func:`resolve_root`, :func:`require_dir`, :func:`files_by_key`, :func:`pair_files`)
-are shared by the ADE20K, Cityscapes and Pascal Context datasets.
+Finding and pairing the files goes through :mod:`setr.data.layout`, as for every other dataset.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from setr.data.base import IGNORE_INDEX, SegDataset, default_palette
+from setr.data.base import IGNORE_INDEX, SegDataset, check_raw_values, default_palette, reduce_zero_label
+from setr.data.layout import (
+    README_HINT,
+    files_by_key,
+    pair_files,
+    pair_listed,
+    read_split_list,
+    require_dir,
+    resolve_root,
+)
 from setr.data.registry import register_dataset
 from setr.errors import DataError, SETRConfigError
 
 log = logging.getLogger("setr")
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
-README_HINT = "see data/README.md"
-
-
-# ------------------------------------------------------------------------------------------ layout helpers
-def resolve_root(root: str | Path | None, dataset: str, layout: str, candidates: Sequence[str],
-                 marker: str) -> Path:
-    """The folder under ``root`` (``root`` itself or one of the relative ``candidates``) that contains
-    ``marker``; a missing root, or one without the expected layout, raises one line naming the path."""
-    if root is None:
-        raise DataError(f"data.root: not set; {dataset} expects {layout} under it ({README_HINT})")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset root not found; {dataset} expects {layout} under it ({README_HINT})")
-    for sub in ("", *candidates):
-        base = root / sub if sub else root
-        if (base / marker).exists():
-            return base
-    tried = ", ".join(str(root / c / marker) if c else str(root / marker) for c in ("", *candidates))
-    raise DataError(f"{root}: no {dataset} layout found (looked for {tried}); expected {layout} ({README_HINT})")
-
-
-def require_dir(path: Path, dataset: str, layout: str, hint: str = README_HINT) -> Path:
-    if not path.is_dir():
-        raise DataError(f"{path}: folder not found; {dataset} expects {layout} ({hint})")
-    return path
-
-
-def files_by_key(folder: Path, suffix: str = "", exts: Iterable[str] = IMAGE_EXTS, recursive: bool = False,
-                 ) -> dict[str, Path]:
-    """Files of ``folder`` whose name ends with ``suffix`` + one of ``exts``, keyed by their path relative to
-    ``folder`` without that ending (``city/name`` for Cityscapes). Two files with one key raise."""
-    exts = tuple(e.lower() for e in exts)
-    out: dict[str, Path] = {}
-    paths = folder.rglob("*") if recursive else folder.iterdir()
-    for p in sorted(paths):
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        ext = p.suffix.lower()
-        if ext not in exts or not p.stem.endswith(suffix):
-            continue
-        rel = p.relative_to(folder).with_suffix("").as_posix()
-        key = rel[: len(rel) - len(suffix)] if suffix else rel
-        if key in out:
-            raise DataError(f"{p}: two files share the name {key!r} ({out[key].name} and {p.name}); keep one")
-        out[key] = p
-    return out
-
-
-def pair_files(images: dict[str, Path], masks: dict[str, Path], img_dir: Path, mask_dir: Path,
-               skip_bad: bool, skipped: list[str]) -> list[tuple[Path, Path]]:
-    """Pair images and masks by key. Unmatched files raise one line naming both folders and the first
-    unmatched name; with ``skip_bad`` they are left out and recorded in ``skipped``."""
-    no_mask = sorted(set(images) - set(masks))
-    no_image = sorted(set(masks) - set(images))
-    if (no_mask or no_image) and not skip_bad:
-        if no_mask:
-            first = images[no_mask[0]]
-            what = f"no label file for {first.name}" + (f" (+{len(no_mask) - 1} more)" if len(no_mask) > 1 else "")
-        else:
-            first = masks[no_image[0]]
-            what = f"no image for label {first.name}" + (f" (+{len(no_image) - 1} more)" if len(no_image) > 1 else "")
-        raise DataError(
-            f"{mask_dir}: {len(images)} images in {img_dir} but {len(masks)} label files; {what} "
-            "(set data.skip_bad=true to skip unmatched files)"
-        )
-    skipped += [f"{images[k]}: no label file in {mask_dir}" for k in no_mask]
-    skipped += [f"{masks[k]}: no image in {img_dir}" for k in no_image]
-    return [(images[k], masks[k]) for k in sorted(set(images) & set(masks))]
-
-
-def read_split_list(path: Path) -> list[str]:
-    """Stems listed one a line (blank lines and ``#`` comments skipped; a file extension is dropped)."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the split list ({e.strerror or e})") from e
-    out = []
-    for line in lines:
-        line = line.split("#", 1)[0].strip()
-        if line:
-            stem = Path(line).stem if Path(line).suffix.lower() in IMAGE_EXTS else line
-            out.append(stem)
-    return out
-
-
-def check_raw_values(raw: np.ndarray, allowed: Callable[[np.ndarray], np.ndarray], path: str | Path,
-                     what: str) -> None:
-    """Raise one line naming ``path`` when some raw label values are not ``allowed`` (a boolean function)."""
-    bad = ~allowed(raw)
-    if bad.any():
-        values = sorted(int(v) for v in np.unique(raw[bad]))
-        shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
-        raise DataError(f"{path}: label values [{shown}] are not valid ({what})")
-
-
-def reduce_zero_label(raw: np.ndarray) -> np.ndarray:
-    """0 -> 255 (ignored), ``v -> v - 1`` for the others, 255 stays 255 (mmseg ``reduce_zero_label``)."""
-    out = raw.astype(np.int64) - 1
-    out[raw == 0] = IGNORE_INDEX
-    out[raw == IGNORE_INDEX] = IGNORE_INDEX
-    return out
 
 
 # ------------------------------------------------------------------------------------------ classes file
@@ -182,6 +86,7 @@ def load_classes(path: Path) -> tuple[list[str], list[tuple[int, int, int]]]:
 
 
 # ------------------------------------------------------------------------------------------ dataset
+@register_dataset("folder")
 class FolderDataset(SegDataset):
     """Images and masks with matching stems, classes from a YAML file.
 
@@ -224,31 +129,21 @@ class FolderDataset(SegDataset):
             split_list = next((p for p in (base / "splits" / "val.txt", base / "val.txt") if p.is_file()), None)
         if (img_root / split).is_dir():
             img_dir, msk_dir = img_root / split, require_dir(mask_root / split, "data=folder", layout)
-            images = files_by_key(img_dir)
-            masks = files_by_key(msk_dir, suffix=mask_suffix)
-            if split_list is not None:  # a list can still narrow a split folder
-                keep = set(read_split_list(split_list))
-                images = {k: v for k, v in images.items() if k in keep}
-                masks = {k: v for k, v in masks.items() if k in keep}
         elif split_list is not None:
             img_dir, msk_dir = img_root, mask_root
-            stems = read_split_list(split_list)
-            all_images, all_masks = files_by_key(img_dir), files_by_key(msk_dir, suffix=mask_suffix)
-            missing = [s for s in stems if s not in all_images]
-            if missing and not skip_bad:
-                raise DataError(f"{split_list}: lists {missing[0]!r} but {img_dir} has no such image"
-                                + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
-            self.skipped += [f"{split_list}: {s}: image not found in {img_dir}" for s in missing]
-            images = {s: all_images[s] for s in stems if s in all_images}
-            masks = {s: all_masks[s] for s in stems if s in all_masks}
         else:
             raise DataError(f"{img_root / split}: split folder not found, and no split list "
                             f"{base / 'splits' / (split + '.txt')}; expected {layout} ({README_HINT})")
+        images, masks = files_by_key(img_dir), files_by_key(msk_dir, suffix=mask_suffix)
         lossy = next((p for p in masks.values() if p.suffix.lower() in (".jpg", ".jpeg")), None)
         if lossy is not None:
             raise DataError(f"{lossy}: JPEG label images are lossy (class ids get blurred at region edges); "
                             "save masks as PNG")
-        self.samples = pair_files(images, masks, img_dir, msk_dir, skip_bad, self.skipped)
+        if split_list is None:
+            self.samples = pair_files(images, masks, img_dir, msk_dir, skip_bad, self.skipped)
+        else:  # the list names the split's samples (in a flat folder, or narrowing a split folder)
+            self.samples = pair_listed(read_split_list(split_list), split_list, images, masks, img_dir, msk_dir,
+                                       skip_bad, self.skipped)
 
     def map_labels(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
         n = self.num_classes
@@ -257,6 +152,3 @@ class FolderDataset(SegDataset):
                              f"reduce_zero_label: 0 ignored, 1..{n} the {n} classes, 255 ignored")
             return reduce_zero_label(raw)
         return self.check_labels(raw, path)
-
-
-register_dataset("folder", FolderDataset)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from setr.data.base import IGNORE_INDEX, SegDataset
-from setr.data.folder import check_raw_values, read_split_list, reduce_zero_label, require_dir, resolve_root
+from setr.data.base import IGNORE_INDEX, SegDataset, check_raw_values, reduce_zero_label
+from setr.data.layout import files_by_key, pair_listed, read_split_list, require_dir, resolve_root, split_folder
 from setr.data.palettes import (
     PASCAL_CONTEXT_59_CLASSES,
     PASCAL_CONTEXT_59_PALETTE,
@@ -33,7 +33,7 @@ from setr.data.palettes import (
     PASCAL_CONTEXT_PALETTE,
 )
 from setr.data.registry import register_dataset
-from setr.errors import DataError, SETRConfigError
+from setr.errors import DataError
 
 LAYOUT = ("VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext/{train,val}.txt} "
           "(or VOCdevkit/VOC2010/...)")
@@ -41,6 +41,7 @@ SPLITS = {"train": "train", "val": "val", "test": "val"}
 CONVERT_HINT = "create it with `python -m setr.data.convert pascal_context ROOT --json trainval_merged.json`"
 
 
+@register_dataset("pascal_context")
 class PascalContext(SegDataset):
     """PASCAL-Context, 60 classes (background = class 0)."""
 
@@ -51,29 +52,20 @@ class PascalContext(SegDataset):
     def __init__(self, split: str = "train", root: str | Path = "data/pascal_context", transform=None,
                  keep_original_mask: bool = False, skip_bad: bool = False) -> None:
         super().__init__(transform=transform, keep_original_mask=keep_original_mask, skip_bad=skip_bad)
-        if split not in SPLITS:
-            raise SETRConfigError(f"data.split: unknown Pascal Context split {split!r}; use train, val or test")
+        list_name = split_folder(split, SPLITS, "Pascal Context")
         self.split = split
         base = resolve_root(root, "Pascal Context", LAYOUT, ("VOC2010", "VOCdevkit/VOC2010"), "JPEGImages")
         self.root = base
         img_dir = base / "JPEGImages"
         mask_dir = require_dir(base / "SegmentationClassContext", "Pascal Context", LAYOUT, CONVERT_HINT)
-        list_path = base / "ImageSets" / "SegmentationContext" / f"{SPLITS[split]}.txt"
+        list_path = base / "ImageSets" / "SegmentationContext" / f"{list_name}.txt"
         if not list_path.is_file():
             raise DataError(f"{list_path}: split list not found; {CONVERT_HINT}")
         ids = read_split_list(list_path)
         if not ids:
             raise DataError(f"{list_path}: the split list is empty")
-        for i in ids:
-            img, mask = img_dir / f"{i}.jpg", mask_dir / f"{i}.png"
-            missing = img if not img.is_file() else mask if not mask.is_file() else None
-            if missing is None:
-                self.samples.append((img, mask))
-            elif skip_bad:
-                self.skipped.append(f"{missing}: listed in {list_path.name} but not found")
-            else:
-                raise DataError(f"{missing}: listed in {list_path} but not found "
-                                "(set data.skip_bad=true to skip missing files)")
+        self.samples = pair_listed(ids, list_path, files_by_key(img_dir, exts=(".jpg",)),
+                                   files_by_key(mask_dir, exts=(".png",)), img_dir, mask_dir, skip_bad, self.skipped)
 
     def map_labels(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
         n = len(PASCAL_CONTEXT_CLASSES)
@@ -82,13 +74,10 @@ class PascalContext(SegDataset):
         return reduce_zero_label(raw) if self.reduce_zero_label else raw
 
 
+@register_dataset("pascal_context_59")
 class PascalContext59(PascalContext):
     """PASCAL-Context, 59 classes: background ignored, labels shifted down by one."""
 
     class_names = PASCAL_CONTEXT_59_CLASSES
     palette = PASCAL_CONTEXT_59_PALETTE
     reduce_zero_label = True
-
-
-register_dataset("pascal_context", PascalContext)
-register_dataset("pascal_context_59", PascalContext59)

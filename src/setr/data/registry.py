@@ -1,42 +1,48 @@
-"""Name -> dataset class. New datasets register here and get a ``conf/data/<name>.yaml``."""
+"""Name -> dataset class, filled by one mechanism: the :func:`register_dataset` decorator on each class.
+
+A new dataset decorates its class with ``@register_dataset("<name>")``, gets a ``conf/data/<name>.yaml``, and is
+added to the built-in imports of ``setr/data/__init__.py`` (which Python runs before any module of the package,
+so the registry is complete whichever module is imported first); the names are then offered by ``data.name``
+(and listed when an unknown one is given).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from setr.data.base import SegDataset
-from setr.data.synthetic import SyntheticShapes
+from setr.data.check import check_dataset
 from setr.errors import SETRConfigError
 
-DATASETS: dict[str, type[SegDataset]] = {
-    "synthetic": SyntheticShapes,
-}
+DATASETS: dict[str, type[SegDataset]] = {}
+
+D = TypeVar("D", bound=type[SegDataset])
 
 
-def register_dataset(name: str, cls: type[SegDataset]) -> None:
-    DATASETS[name] = cls
+def register_dataset(name: str) -> Callable[[D], D]:
+    """Class decorator: offer the class as ``data.name=<name>``. A name taken by another class raises (two
+    datasets silently shadowing each other would train on the wrong data)."""
+
+    def register(cls: D) -> D:
+        if DATASETS.get(name, cls) is not cls:
+            raise ValueError(f"dataset name {name!r} is already registered by {DATASETS[name].__qualname__}")
+        DATASETS[name] = cls
+        return cls
+
+    return register
 
 
-def build_dataset(name: str, split: str, **kwargs: Any) -> SegDataset:
-    """Instantiate dataset ``name`` for ``split``; unknown names and arguments raise :class:`SETRConfigError`."""
-    _load_builtin()
+def build_dataset(name: str, split: str, check: str | bool | None = "quick", progress: bool | None = None,
+                  **kwargs: Any) -> SegDataset:
+    """Instantiate dataset ``name`` for ``split`` and run the pre-flight check at level ``check`` (see
+    :mod:`setr.data.check`; ``progress`` for its bar). Unknown names and arguments raise :class:`SETRConfigError`,
+    bad files :class:`setr.errors.DataError`."""
     if name not in DATASETS:
         raise SETRConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
     try:
         ds = DATASETS[name](split=split, **kwargs)
     except TypeError as e:
         raise SETRConfigError(f"data.dataset: {e}") from e
-    ds.validate()
+    check_dataset(ds, check, progress=progress)
     return ds
-
-
-def _load_builtin() -> None:
-    """Import the real-dataset modules (they register themselves); absent modules are simply not offered."""
-    import importlib
-
-    for mod in ("ade20k", "cityscapes", "pascal_context", "folder"):
-        try:
-            importlib.import_module(f"setr.data.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"setr.data.{mod}":
-                raise

@@ -14,12 +14,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from setr.data.base import IGNORE_INDEX, SegDataset
+from setr.data.registry import register_dataset
 from setr.errors import SETRConfigError
 
 SHAPES = ("disc", "rectangle", "triangle", "ring", "cross", "diamond", "ellipse", "star")
 SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
+@register_dataset("synthetic")
 class SyntheticShapes(SegDataset):
     """Shapes of ``num_classes - 1`` kinds on textured noise.
 
@@ -43,7 +45,8 @@ class SyntheticShapes(SegDataset):
         if split not in SPLIT_OFFSET:
             raise SETRConfigError(f"data.split: unknown split {split!r} for the synthetic dataset; use train/val/test")
         if not 2 <= num_classes <= len(SHAPES) + 1:
-            raise SETRConfigError(f"data.num_classes: the synthetic dataset has 2..{len(SHAPES) + 1} classes, got {num_classes}")
+            raise SETRConfigError(
+                f"data.num_classes: the synthetic dataset has 2..{len(SHAPES) + 1} classes, got {num_classes}")
         if num_samples < 1 or image_size < 16 or max_shapes < 1 or not 0 < min_size <= max_size <= 1:
             raise SETRConfigError(
                 "data.dataset: synthetic needs num_samples >= 1, image_size >= 16, max_shapes >= 1 and "
@@ -63,6 +66,10 @@ class SyntheticShapes(SegDataset):
             for k in range(num_classes - 1)
         ]
         self.samples = list(range(num_samples))
+
+    def sample_files(self, index: int) -> None:
+        """Samples are drawn from their seed, not read from files: the pre-flight check has nothing to open."""
+        return None
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, SPLIT_OFFSET[self.split] + int(self.samples[index])])

@@ -6,7 +6,11 @@ one of the SETR-specific ones below) and its arguments; :func:`build_pipeline` i
 mmsegmentation's semantics, which the paper's numbers come from:
 
 * :class:`RandomRescale` = mmseg ``Resize(img_scale, ratio_range, keep_ratio=True)``;
-* :class:`CatMaxRatioCrop` = mmseg ``RandomCrop(crop_size, cat_max_ratio)`` with padding (mask pad 255).
+* :class:`CatMaxRatioCrop` = mmseg ``RandomCrop(crop_size, cat_max_ratio)``: crops at most ``crop_size`` and never
+  pads. Like mmseg 0.x (``..., PhotoMetricDistortion, Normalize, Pad(size=crop_size, pad_val=0,
+  seg_pad_val=255)``), :func:`build_pipeline` pads an image smaller than the crop *after* ``Normalize``, at the
+  bottom and right, with 0 (the mean colour) and labels 255 (ignored): the photometric distortion only ever sees
+  real pixels, and the padding carries no colour of its own into the network.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+from albumentations.augmentations.crops import functional as fcrops
 from albumentations.pytorch import ToTensorV2
 
 from setr.data.base import IGNORE_INDEX
@@ -64,8 +69,9 @@ class RandomRescale(A.DualTransform):
 
 
 class CatMaxRatioCrop(A.RandomCrop):
-    """Random crop (padded to size with image 0 / mask 255, bottom-right) whose most frequent class covers at
-    most ``cat_max_ratio`` of the labelled pixels; up to 10 tries, as mmseg's ``RandomCrop``."""
+    """Random crop of at most ``height`` x ``width`` (smaller where the image is; no padding, see the module
+    docstring) whose most frequent class covers at most ``cat_max_ratio`` of the labelled pixels; up to 10 tries,
+    as mmseg's ``RandomCrop``. ``ignore_index`` labels are not counted, and are what the later padding writes."""
 
     class InitSchema(A.core.transforms_interface.BaseTransformInitSchema):
         height: int
@@ -75,33 +81,38 @@ class CatMaxRatioCrop(A.RandomCrop):
 
     def __init__(self, height: int, width: int, cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX,
                  p: float = 1.0) -> None:
-        super().__init__(height=height, width=width, pad_if_needed=True, border_mode=cv2.BORDER_CONSTANT,
-                         fill=0, fill_mask=ignore_index, pad_position="top_left", p=p)
+        super().__init__(height=height, width=width, pad_if_needed=False, p=p)
         self.cat_max_ratio = cat_max_ratio
         self.ignore_index = ignore_index
 
+    def _draw(self, shape: tuple[int, int]) -> dict[str, Any]:
+        # albumentations' get_crop_coords clips the crop to the image: mmseg's crop of min(crop, image) per side
+        coords = fcrops.get_crop_coords(shape, (self.height, self.width), self.py_random.random(),
+                                        self.py_random.random())
+        return {"crop_coords": coords, "pad_params": None}
+
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-        out = super().get_params_dependent_on_data(params, data)
+        shape = params["shape"][:2]
+        out = self._draw(shape)
         mask = data.get("mask")
         if mask is None or self.cat_max_ratio >= 1.0:
             return out
         for _ in range(10):
             x1, y1, x2, y2 = out["crop_coords"]
             crop = mask[y1:y2, x1:x2]
-            values, counts = np.unique(crop[crop != self.ignore_index], return_counts=True)
+            _, counts = np.unique(crop[crop != self.ignore_index], return_counts=True)
             if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                 break
-            out = super().get_params_dependent_on_data(params, data)
+            out = self._draw(shape)
         return out
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("height", "width", "cat_max_ratio", "ignore_index")
 
 
-def build_pipeline(steps: Sequence[Mapping] | None, mean: Sequence[float], std: Sequence[float],
-                   key: str = "data.train_pipeline", seed: int | None = None) -> A.Compose:
-    """Instantiate ``steps`` (``_target_`` mappings), then add ``Normalize(mean, std)`` (0-255 scale) and
-    ``ToTensorV2``. Unknown targets or bad arguments raise :class:`SETRConfigError` naming the step."""
+def build_steps(steps: Sequence[Mapping] | None, key: str = "data.train_pipeline") -> list[A.BasicTransform]:
+    """Instantiate pipeline ``steps`` (``_target_`` mappings). Unknown targets or bad arguments raise
+    :class:`SETRConfigError` naming the step (``key[i]``)."""
     from hydra.utils import instantiate
 
     transforms = []
@@ -110,11 +121,24 @@ def build_pipeline(steps: Sequence[Mapping] | None, mean: Sequence[float], std: 
             raise SETRConfigError(f"{key}[{i}]: each step needs a _target_ (e.g. albumentations.HorizontalFlip)")
         try:
             transforms.append(instantiate(dict(step)))
-        except Exception as e:  # noqa: BLE001 - Hydra wraps import and argument errors; report one line
+        except Exception as e:  # Hydra wraps import and argument errors; report one line
             cause = e.__cause__ or e
             raise SETRConfigError(f"{key}[{i}] ({step['_target_']}): {cause}".splitlines()[0]) from e
+    return transforms
+
+
+def build_pipeline(steps: Sequence[Mapping] | None, mean: Sequence[float], std: Sequence[float],
+                   key: str = "data.train_pipeline", seed: int | None = None) -> A.Compose:
+    """:func:`build_steps`, then ``Normalize(mean, std)`` (0-255 scale), the padding of every
+    :class:`CatMaxRatioCrop` to its size (value 0 after normalisation = the mean colour, labels
+    :data:`IGNORE_INDEX`, bottom and right: mmseg's ``Pad`` after ``Normalize``) and ``ToTensorV2``."""
+    transforms = build_steps(steps, key)
+    pads = [A.PadIfNeeded(min_height=t.height, min_width=t.width, position="top_left",
+                          border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=t.ignore_index)
+            for t in transforms if isinstance(t, CatMaxRatioCrop)]
     transforms += [
         A.Normalize(mean=[m / 255.0 for m in mean], std=[s / 255.0 for s in std], max_pixel_value=255.0),
+        *pads,
         ToTensorV2(),
     ]
     return A.Compose(transforms, seed=seed)

@@ -8,10 +8,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from setr.data import build_dataset, build_pipeline
 from setr.data.base import SegDataset
+from setr.data.check import check_level
 from setr.errors import SETRConfigError
 
 
@@ -55,7 +57,11 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 class ResumableLoader(DataLoader):
     """A DataLoader whose position in the epoch is saved in checkpoints (Lightning stores the state of loaders
-    with ``state_dict``/``load_state_dict``), so a run resumed mid-epoch continues with the next batch."""
+    with ``state_dict``/``load_state_dict``), so a run resumed mid-epoch continues with the next batch.
+
+    The position lives in the :class:`EpochSampler`. Lightning may rebuild the loader with a sampler of its own
+    (``trainer.overfit_batches`` puts in a ``SequentialSampler``, which has no epoch): such a loader saves an
+    empty state and ignores a saved one, since there is no epoch order to return to."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -70,9 +76,13 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, EpochSampler):
+            return {}
         return {"epoch": self.sampler.epoch, "batches": self._consumed, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(self.sampler, EpochSampler) or "epoch" not in state:
+            return  # a replaced sampler, or a state saved by one: nothing to restore
         if state.get("batch_size") != self.batch_size:
             return  # a different batch size: positions do not carry over, start the epoch afresh
         self.sampler.set_epoch(state["epoch"])
@@ -109,6 +119,7 @@ class SegDataModule(L.LightningDataModule):
             v = self.cfg.get(key, 1)
             if not isinstance(v, int) or v < 1:
                 raise SETRConfigError(f"data.{key}: must be a positive integer, got {v!r}")
+        self.check = check_level(self.cfg.get("check", "quick"))  # a bad value stops here, before any file is read
         self.datasets: dict[str, SegDataset] = {}
 
     def _dataset(self, split: str) -> SegDataset:
@@ -123,7 +134,12 @@ class SegDataModule(L.LightningDataModule):
         steps = cfg.get("train_pipeline") if split == "train" else cfg.get("val_pipeline")
         key = "data.train_pipeline" if split == "train" else "data.val_pipeline"
         transform = build_pipeline(steps, cfg["mean"], cfg["std"], key=key, seed=self.seed)
-        ds = build_dataset(cfg["name"], split, transform=transform,
+        # the pre-flight check runs on every rank (each drops the same bad samples); rank 0 alone shows a bar.
+        # Datasets may be built before the trainer is attached: the rank comes from the launcher's environment.
+        # `val_split`: the split the validation stage reads (debug=overfit scores the very batch it trains on)
+        source = str(cfg.get("val_split") or "val") if split == "val" else split
+        ds = build_dataset(cfg["name"], source, check=self.check, progress=None if rank_zero_only.rank == 0 else False,
+                           transform=transform,
                            keep_original_mask=split != "train" and bool(cfg.get("val_keep_original_mask", False)),
                            skip_bad=bool(cfg.get("skip_bad", False)), **kwargs)
         if len(ds) == 0:
