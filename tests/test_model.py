@@ -10,11 +10,12 @@ from torch import nn
 from conftest import model_cfg, tiny_model_cfg
 from setr.errors import SETRConfigError
 from setr.models import build_setr
-from setr.summary import build_meta_model, count_params
+from setr.models.summary import build_meta_model, count_params
 
 HEADS = ["naive", "pup", "mla", "naive_mmseg", "pup_mmseg", "mla_mmseg"]
-# auxiliary heads on the 4-block test encoder (taps in conf/model/encoder/vit_test.yaml)
-N_AUX = {"naive": 2, "pup": 3, "mla": 4, "naive_mmseg": 2, "pup_mmseg": 2, "mla_mmseg": 4}
+# auxiliary heads of each head preset: the same on the 4-block test encoder (conf/model/encoder/vit_test.yaml
+# offers four blocks per family, as the ViT-L / ViT-B encoders do) as at full size
+N_AUX = {"naive": 3, "pup": 4, "mla": 4, "naive_mmseg": 3, "pup_mmseg": 3, "mla_mmseg": 4}
 
 
 def _tiny(head: str, crop: int = 64, num_classes: int = 5, seed: int = 0) -> nn.Module:
@@ -152,9 +153,24 @@ def test_load_pretrained_errors_name_the_file(tmp_path):
     [
         ("model.encoder.name=vit_huge", "model.encoder.name: unknown encoder 'vit_huge'"),
         ("model.norm=ln", "model.norm: unknown norm layer 'ln'"),
-        ("model.head.decode.in_index=7", "layer index 7 is out of range"),
+        ("model.head.decode.in_index=7",
+         "model.head.decode.in_index: position 7 is out of range for the 4 maps of model.encoder.out_indices"),
+        ("model.head.auxiliary.in_index=[0,-5]",
+         "model.head.auxiliary.in_index: position -5 is out of range for the 4 maps of model.encoder.out_indices"),
+        ("model.encoder.out_indices=[0,9]",
+         "model.encoder.out_indices: block 9 is out of range for encoder 'vit_tiny_patch16' with 4 blocks"),
+        ("model.encoder.out_indices=[-5]",
+         "model.encoder.out_indices: block -5 is out of range for encoder 'vit_tiny_patch16' with 4 blocks"),
+        ("model.encoder.out_indices=[2,1,3]", "model.encoder.out_indices: blocks must be increasing"),
+        ("model.encoder.out_indices=[]", "model.encoder.out_indices: at least one block"),
+        ("model.head.decode.in_index=[0,1]", "model.head.decode.in_index: an 'up' head reads one map"),
+        # the neck reads every out_indices map (as mmseg's MLANeck): block ids go to model.encoder.out_indices
+        ("+model.head.neck.in_index=[0,1,2,3]", "model.head.neck: unknown key(s) ['in_index']"),
+        ("model.head.auxiliary.type=fcn",
+         "model.head.auxiliary.type: unknown head type 'fcn'; choose one of up, mla, linear"),
         ("+model.head.decode.dropout=0.1", "model.head.decode: unknown key(s) ['dropout']"),
-        ("model.head.decode.type=fpn", "model.head.decode.type: unknown head type 'fpn'"),
+        ("model.head.decode.type=fpn",
+         "model.head.decode.type: unknown head type 'fpn'; choose one of up, mla, linear"),
         ("+model.encoder.arch.depth_mult=2", "model.encoder.arch: unknown key(s) ['depth_mult']"),
         ("model.head.auxiliary.loss_weight=-1", "model.head.auxiliary.loss_weight: must be >= 0"),
     ],
@@ -169,8 +185,206 @@ def test_bad_model_config_names_the_key(override, message):
 def test_bad_num_classes():
     cfg = tiny_model_cfg("naive", 64, 5)
     cfg["num_classes"] = 0
-    with pytest.raises(SETRConfigError, match="model.num_classes: expected a positive integer"):
+    with pytest.raises(SETRConfigError, match=r"model\.num_classes: expected a positive integer"):
         build_setr(cfg)
+
+
+# ------------------------------------------------------------------------- assembly: out_indices, in_index
+def _blocks(model, head) -> list[int] | int:
+    """The encoder blocks (0-based) a head reads, through its in_index into the encoder's out_indices (heads on
+    the MLA neck: the neck levels, i.e. all of out_indices)."""
+    if model.neck is not None:
+        return list(model.encoder.out_indices)
+    pick = model.encoder.out_indices
+    return [pick[i] for i in head.in_index] if isinstance(head.in_index, list) else pick[head.in_index]
+
+
+# 0-based blocks read by (decode head, auxiliary heads): the official layers 24 / 10, 15, 20 (Naive), 24 /
+# 10, 15, 20, 24 (PUP), 6, 12, 18, 24 (MLA, through the neck); mmseg's PUP has no auxiliary head on layer 24
+FULL_SIZE_BLOCKS = {
+    ("setr_naive", "naive"): ([9, 14, 19, 23], 23, [9, 14, 19]),
+    ("setr_pup", "pup"): ([9, 14, 19, 23], 23, [9, 14, 19, 23]),
+    ("setr_mla", "mla"): ([5, 11, 17, 23], [5, 11, 17, 23], [5, 11, 17, 23]),
+    ("setr_naive", "naive_mmseg"): ([9, 14, 19, 23], 23, [9, 14, 19]),
+    ("setr_pup", "pup_mmseg"): ([9, 14, 19, 23], 23, [9, 14, 19]),
+    ("setr_mla", "mla_mmseg"): ([5, 11, 17, 23], [5, 11, 17, 23], [5, 11, 17, 23]),
+}
+
+
+@pytest.mark.parametrize("model, head", FULL_SIZE_BLOCKS)
+def test_full_size_heads_read_the_official_blocks(model, head):
+    out_indices, decode, aux = FULL_SIZE_BLOCKS[(model, head)]
+    net = build_meta_model(model_cfg(f"model={model}", f"model/head={head}", "data=ade20k"))
+    assert net.encoder.out_indices == out_indices
+    assert _blocks(net, net.decode_head) == decode
+    if net.neck is not None:  # MLA: the decode head reads every neck level, each auxiliary head one
+        assert net.decode_head.in_index == [0, 1, 2, 3]
+        assert [h.in_index for h in net.auxiliary_heads] == [0, 1, 2, 3]
+    else:
+        assert [_blocks(net, h) for h in net.auxiliary_heads] == aux
+
+
+@pytest.mark.parametrize("model, out_indices", [("setr_naive", [3, 5, 7, 11]), ("setr_mla", [2, 5, 8, 11])])
+def test_base_encoders_out_indices(model, out_indices):
+    for encoder in ("vit_base", "deit_base"):
+        net = build_meta_model(model_cfg(f"model={model}", f"model/encoder={encoder}", "data=ade20k"))
+        assert net.encoder.out_indices == out_indices
+        assert _blocks(net, net.decode_head) in (11, out_indices)
+
+
+def test_small_default_model_keeps_its_blocks():
+    """model=setr_small (the CPU default): PUP with three auxiliary heads on blocks 1, 3, 5 of its 6-block
+    encoder and the decode head on block 5, as before out_indices existed (README count 3,386,384)."""
+    net = build_meta_model(model_cfg("model=setr_small", "data=synthetic"))
+    assert [_blocks(net, h) for h in net.auxiliary_heads] == [1, 3, 5] and _blocks(net, net.decode_head) == 5
+    assert count_params(net)[0] == 3_386_384
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_heads_get_the_maps_their_in_index_names(head):
+    """SETR routes every head the same way: ``feeds[in_index]`` (a list of maps for a list), where ``feeds`` is
+    the encoder's ``out_indices`` maps or, with a neck, the neck's levels."""
+    model = _tiny(head).train()
+    seen = {}
+
+    def spy(name):
+        return lambda m, args, out: seen.__setitem__(name, args[0])
+
+    handles = [model.decode_head.register_forward_hook(spy("decode"))]
+    handles += [h.register_forward_hook(spy(f"aux{i}")) for i, h in enumerate(model.auxiliary_heads)]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+        feeds = model.encoder(x)
+        if model.neck is not None:
+            feeds = model.neck(feeds)
+    for h in handles:
+        h.remove()
+    assert len(feeds) == 4
+
+    def expected(index):
+        return [feeds[i] for i in index] if isinstance(index, list) else feeds[index]
+
+    for name, head_module in [("decode", model.decode_head)] + [(f"aux{i}", h) for i, h in
+                                                                  enumerate(model.auxiliary_heads)]:
+        want, got = expected(head_module.in_index), seen[name]
+        if isinstance(want, list):
+            assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), name
+        else:
+            assert torch.equal(got, want), name
+
+
+def test_any_head_reads_any_feed_without_special_cases():
+    """No head type is special-cased: the MLA decode head can read four encoder maps (no neck), a linear
+    auxiliary head an encoder map, an up head a neck level."""
+    no_neck = build_setr(tiny_model_cfg("mla", 64, 5, "model.head.neck=null")).eval()
+    assert no_neck.neck is None and no_neck.decode_head.in_index == [0, 1, 2, 3]
+    linear_aux = build_setr(tiny_model_cfg("naive", 64, 5, "model.head.auxiliary.type=linear",
+                                           "model.head.auxiliary.in_index=[1]"))
+    assert type(linear_aux.auxiliary_heads[0]).__name__ == "LinearAuxHead"
+    up_aux_on_neck = build_setr(tiny_model_cfg("naive", 64, 5, "+model.head.neck.type=mla",
+                                               "model.head.decode.in_index=3", "model.head.auxiliary.in_index=[0]"))
+    for model in (no_neck, linear_aux.eval(), up_aux_on_neck.eval()):
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 64, 48)).shape == (1, 5, 64, 48)
+        out = model.train()(torch.randn(2, 3, 64, 48))
+        assert all(a.shape == (2, 5, 64, 48) for a in out["aux"])
+
+
+def test_heads_and_necks_come_from_one_registry():
+    from setr.models import heads as heads_mod
+    from setr.models.registry import HEADS, NECKS
+
+    assert HEADS.names() == ["up", "mla", "linear"] and NECKS.names() == ["mla"]
+    with pytest.raises(SETRConfigError, match=r"^model.head.neck.type: unknown neck type 'fpn'; choose one of mla$"):
+        build_setr(tiny_model_cfg("mla", 64, 5, "model.head.neck.type=fpn"))
+
+    @HEADS.register("probe")
+    class Probe(heads_mod.LinearAuxHead):
+        """A new head type is one registration away from the config."""
+
+    try:
+        model = build_setr(tiny_model_cfg("naive", 64, 5, "model.head.auxiliary.type=probe",
+                                          "model.head.auxiliary.in_index=[0,2]", "~model.head.auxiliary.channels",
+                                          "~model.head.auxiliary.kernel_size", "~model.head.auxiliary.up_scales",
+                                          "~model.head.auxiliary.conv_bias"))
+        assert [type(h).__name__ for h in model.auxiliary_heads] == ["Probe", "Probe"]
+        assert [h.in_index for h in model.auxiliary_heads] == [0, 2]
+    finally:
+        HEADS.unregister("probe")
+    assert "probe" not in HEADS.names()
+
+
+def test_small_model_with_the_mla_head_ignores_up_head_keys():
+    """README: ``model/head=mla`` works with ``model=setr_small``, whose PUP widths do not apply to 1x1 heads."""
+    cfg = model_cfg("model=setr_small", "model/head=mla", "model/encoder=vit_test", "data.crop_size=64")
+    assert cfg["head"]["auxiliary"]["channels"] == 64
+    model = build_setr(cfg)
+    assert len(model.auxiliary_heads) == 4 and model.encoder.out_indices == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------ legacy model configs
+def _legacy(cfg: dict, taps: dict) -> dict:
+    """``cfg`` as checkpoints saved before out_indices hold it: block ids in the heads' (and the neck's)
+    in_index, the encoder's ``taps``, no ``out_indices``."""
+    cfg = {**cfg, "encoder": dict(cfg["encoder"]), "head": {k: (dict(v) if isinstance(v, dict) else v)
+                                                              for k, v in cfg["head"].items()}}
+    blocks = cfg["encoder"].pop("out_indices")
+    cfg["encoder"].pop("out_indices_presets")
+    cfg["encoder"]["taps"] = taps
+    head = cfg["head"]
+    if head.get("neck"):
+        head["neck"]["in_index"] = blocks
+        del head["decode"]["in_index"]
+    else:
+        head["decode"]["in_index"] = blocks[head["decode"]["in_index"]]
+        head["auxiliary"]["in_index"] = [blocks[i] for i in head["auxiliary"]["in_index"]]
+    return cfg
+
+
+TINY_TAPS = {"last": 3, "aux": [1, 2], "pup_aux": [1, 2, 3], "mla": [0, 1, 2, 3]}
+
+
+# the tiny naive / pup models as the old taps built them: blocks 1, 2 (pup: 1, 2, 3) for the auxiliary heads, 3
+OLD_TINY_UP = ["model.encoder.out_indices=[1,2,3]", "model.head.decode.in_index=2"]
+
+
+@pytest.mark.parametrize("head, new_overrides", [
+    ("naive", [*OLD_TINY_UP, "model.head.auxiliary.in_index=[0,1]"]),
+    ("pup", [*OLD_TINY_UP, "model.head.auxiliary.in_index=[0,1,2]"]),
+    ("mla", []),
+])
+def test_legacy_configs_in_checkpoints_build_the_same_model(head, new_overrides):
+    """A checkpoint carries its model config; those written before out_indices (block ids as in_index) must
+    build the very network they were trained as: same state-dict keys and shapes, same logits."""
+    new_cfg = tiny_model_cfg(head, 64, 5, *new_overrides)
+    legacy = _legacy(new_cfg, TINY_TAPS)
+    assert "out_indices" not in legacy["encoder"]
+    torch.manual_seed(0)
+    old = build_setr(legacy).eval()
+    torch.manual_seed(0)
+    new = build_setr(new_cfg).eval()
+    assert old.encoder.out_indices == new.encoder.out_indices
+    assert {k: v.shape for k, v in old.state_dict().items()} == {k: v.shape for k, v in new.state_dict().items()}
+    new.load_state_dict(old.state_dict())  # strict
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), new(x))
+        old.train(), new.train()
+        for a, b in zip(old(x)["aux"], new(x)["aux"]):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("model, expected", [("setr_naive", 305_361_496), ("setr_pup", 317_922_542),
+                                             ("setr_mla", 310_184_086)])
+def test_legacy_full_size_configs_keep_their_structure(model, expected):
+    taps = {"last": 23, "aux": [9, 14, 19], "pup_aux": [9, 14, 19, 23], "mla": [5, 11, 17, 23]}
+    net = build_meta_model(_legacy(model_cfg(f"model={model}", "data=ade20k"), taps))
+    assert count_params(net)[0] == expected
+    new = build_meta_model(model_cfg(f"model={model}", "data=ade20k"))
+    assert net.encoder.out_indices == new.encoder.out_indices
+    assert [h.in_index for h in net.auxiliary_heads] == [h.in_index for h in new.auxiliary_heads]
+    assert net.decode_head.in_index == new.decode_head.in_index
 
 
 # -------------------------------------------------------------------------------------- full-size counts
@@ -184,7 +398,7 @@ MMSEG = {"naive_mmseg": 305_360_472, "pup_mmseg": 315_520_088, "mla_mmseg": 309_
 @pytest.mark.parametrize("model, expected", SPEC.items())
 def test_full_size_counts_match_the_spec(model, expected):
     net = build_meta_model(model_cfg(f"model={model}", "data=ade20k"))
-    total, trainable = count_params(net)
+    total, _ = count_params(net)
     assert abs(total - expected) / expected < 1e-3
     assert total == expected  # exact, in fact
     assert net.encoder.depth == 24 and net.encoder.embed_dim == 1024
@@ -209,8 +423,9 @@ def test_encoders_by_name(encoder, depth, dim, prefix):
 def test_deit_encoder_with_distillation_token_runs():
     """DeiT has two prefix tokens (class + distillation): the maps must come from the patch tokens only."""
     cfg = model_cfg("model=setr_naive", "model/encoder=deit_base", "data=synthetic", "data.crop_size=64",
-                    "+model.encoder.arch.embed_dim=64", "+model.encoder.arch.depth=2", "+model.encoder.arch.num_heads=2",
-                    "model.encoder.taps.last=1", "model.encoder.taps.aux=[0]")
+                    "+model.encoder.arch.embed_dim=64", "+model.encoder.arch.depth=2",
+                    "+model.encoder.arch.num_heads=2", "model.encoder.out_indices=[0,1]",
+                    "model.head.decode.in_index=1", "model.head.auxiliary.in_index=[0]")
     torch.manual_seed(0)
     model = build_setr(cfg).eval()
     assert model.encoder.num_prefix_tokens == 2

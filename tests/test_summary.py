@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import tiny_model_cfg
 from setr.models import build_setr
-from setr.summary import count_flops, count_params, summarize_model
+from setr.models.summary import count_flops, count_params, summarize_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_flops_of_a_head_counted_by_hand():
     assert flops["auxiliary_heads"] == 0  # auxiliary heads do not run in eval
     assert flops["total"] == flops["encoder"] + flops["decode_head"]
     train = count_flops(model, (64, 64), training=True)
-    assert train["auxiliary_heads"] == 2 * flops["decode_head"]  # two auxiliary heads, same structure
+    assert train["auxiliary_heads"] == 3 * flops["decode_head"]  # three auxiliary heads, same structure
     # patch embedding alone: a 16x16 stride-16 conv 3->64 on 4x4 positions
     patch = 2 * 16 * (3 * 16 * 16 * 64)
     assert flops["encoder"] > patch

@@ -2,7 +2,8 @@
 
 from setr.models.encoder import ENCODERS, ViTEncoder, load_state_dict_file
 from setr.models.heads import LinearAuxHead, MLAHead, MLANeck, UpHead
+from setr.models.registry import HEADS, NECKS, Registry
 from setr.models.setr import SETR, build_setr
 
-__all__ = ["ENCODERS", "SETR", "LinearAuxHead", "MLAHead", "MLANeck", "UpHead", "ViTEncoder", "build_setr",
-           "load_state_dict_file"]
+__all__ = ["ENCODERS", "HEADS", "NECKS", "SETR", "LinearAuxHead", "MLAHead", "MLANeck", "Registry", "UpHead",
+           "ViTEncoder", "build_setr", "load_state_dict_file"]

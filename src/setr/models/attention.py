@@ -58,7 +58,7 @@ def attention_weights(model: nn.Module, images: torch.Tensor, blocks: Sequence[i
     patch tokens in row-major order. Only the encoder runs, up to the last block asked for.
     """
     enc = _encoder(model)
-    idx = sorted({enc.resolve_index(i) for i in blocks})
+    idx = sorted({enc.resolve_block(i) for i in blocks})
     found: dict[int, torch.Tensor] = {}
     handles = []
     for i in idx:
@@ -67,7 +67,7 @@ def attention_weights(model: nn.Module, images: torch.Tensor, blocks: Sequence[i
 
         handles.append(enc.vit.blocks[i].attn.register_forward_hook(hook))
     try:
-        enc(pad_to_patch(images, enc.patch_size), [idx[-1]])
+        enc(pad_to_patch(images, enc.patch_size), out_indices=[idx[-1]])
     finally:
         for h in handles:
             h.remove()
@@ -110,7 +110,7 @@ def pixel_attention(model: nn.Module, image: torch.Tensor, y: int, x: int, block
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"expected one image (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
     h, w = image.shape[-2:]
-    b = enc.resolve_index(block)
+    b = enc.resolve_block(block)
     weights = attention_weights(enc, image, [b])[b][0]  # (heads, N, N)
     token, row, col = token_index(enc, y, x, (h, w))
     n = num_prefix_in_blocks(enc)

@@ -5,13 +5,15 @@ The encoder runs timm's patch embedding and transformer blocks itself so that it
 * take any input size: the learned position embeddings are resampled (bilinear by default, as the official
   SETR code does when it loads weights) whenever the token grid differs from the grid it was built for;
 * drop the prefix tokens before the first block (SETR-MLA) or keep them through the blocks (Naive / PUP);
-* return the raw outputs of the blocks a head asks for as NCHW maps ``(B, C, H/16, W/16)``.
+* return the raw outputs of the blocks listed in ``out_indices`` (mmsegmentation's name: 0-based block ids,
+  increasing) as NCHW maps ``(B, C, H/16, W/16)``; heads address these maps by position (their ``in_index``).
 
 There is no final norm, as in the official backbone: each head (or the MLA neck) applies its own LayerNorm.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,6 +81,10 @@ class ViTEncoder(nn.Module):
             e.g. for tiny test models.
         pretrained: path to a local timm ViT checkpoint (``.pth``/``.pt``/``.bin``/``.safetensors``), or None.
         grad_checkpointing: recompute block activations in the backward pass to save memory.
+        out_indices: the blocks whose outputs :meth:`forward` returns, 0-based (negative counts from the end),
+            increasing, as mmsegmentation's ``VisionTransformer(out_indices=...)``: SETR-Naive/PUP (9, 14, 19, 23)
+            (auxiliary heads' blocks first, the decode head's last), SETR-MLA (5, 11, 17, 23) (the neck levels).
+            Default: the last block, as mmseg's ``-1``.
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class ViTEncoder(nn.Module):
         arch: dict | None = None,
         pretrained: str | None = None,
         grad_checkpointing: bool = False,
+        out_indices: int | Sequence[int] = (-1,),
     ) -> None:
         super().__init__()
         if name not in ENCODERS:
@@ -130,6 +137,8 @@ class ViTEncoder(nn.Module):
         self.drop_prefix_tokens = drop_prefix_tokens
         self.pos_embed_interp = pos_embed_interp
         self.grad_checkpointing = grad_checkpointing
+        self.out_indices: list[int] = []
+        self.set_out_indices(out_indices)
         if drop_prefix_tokens:
             # kept so checkpoints load, but dead: they are dropped before the first block, so never trained
             for attr in ("cls_token", "dist_token", "reg_token"):
@@ -159,17 +168,20 @@ class ViTEncoder(nn.Module):
         prefix = self._prefix_tokens(b)
         if self.vit.no_embed_class:
             x = x + pos
-            x = torch.cat(prefix + [x], dim=1)
+            x = torch.cat([*prefix, x], dim=1)
         else:
-            x = torch.cat(prefix + [x], dim=1) + pos
+            x = torch.cat([*prefix, x], dim=1) + pos
         return self.vit.pos_drop(x)
 
-    def forward(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:
-        """Return the outputs of blocks ``indices`` (0-based, negative counts from the end) as NCHW maps.
+    def forward(self, x: torch.Tensor, out_indices: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Return the outputs of blocks :attr:`out_indices` as NCHW maps, in that order. Blocks after the last
+        one listed do not run.
 
-        The input height and width must be multiples of the patch size (:class:`setr.models.SETR` pads).
+        ``out_indices`` overrides the list for this call (0-based, negative counts from the end), e.g. to stop at
+        an early block for attention maps. The input height and width must be multiples of the patch size
+        (:class:`setr.models.SETR` pads).
         """
-        idx = [self.resolve_index(i) for i in indices]
+        idx = self.out_indices if out_indices is None else [self.resolve_block(i) for i in out_indices]
         if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
             raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
         tokens = self.vit.patch_embed(x)  # (B, h, w, C) because dynamic_img_size=True
@@ -181,7 +193,7 @@ class ViTEncoder(nn.Module):
         if self.drop_prefix_tokens:
             tokens = tokens[:, n_prefix:]
             n_prefix = 0
-        wanted = {i: None for i in idx}
+        wanted: dict[int, torch.Tensor | None] = dict.fromkeys(idx)
         last = max(idx)
         for i, block in enumerate(self.vit.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -194,18 +206,31 @@ class ViTEncoder(nn.Module):
                 break
         return [wanted[i] for i in idx]
 
-    def resolve_index(self, i: int, key: str | None = None) -> int:
-        """0-based block index of ``i`` (negative counts from the end); ``key`` names the config entry in errors."""
+    def resolve_block(self, i: int, key: str | None = None) -> int:
+        """0-based block id of ``i`` (negative counts from the end); ``key`` names the config entry in errors."""
         where = f"{key}: " if key else ""
         if not isinstance(i, int) or isinstance(i, bool):
-            raise SETRConfigError(f"{where}layer index must be an integer, got {i!r}")
+            raise SETRConfigError(f"{where}a block is an integer, got {i!r}")
         j = i + self.depth if i < 0 else i
         if not 0 <= j < self.depth:
             raise SETRConfigError(
-                f"{where}layer index {i} is out of range for encoder {self.name!r} with {self.depth} blocks "
-                f"(use 0..{self.depth - 1} or negative indices)"
+                f"{where}block {i} is out of range for encoder {self.name!r} with {self.depth} blocks "
+                f"(use 0..{self.depth - 1} or negative ids)"
             )
         return j
+
+    def set_out_indices(self, out_indices: int | Sequence[int], key: str = "model.encoder.out_indices") -> None:
+        """Validate and store :attr:`out_indices` as 0-based ids. They must increase: mmsegmentation returns the
+        maps in block order whatever order the list has, so an unordered list would silently shift the positions
+        the heads' ``in_index`` name."""
+        if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+            out_indices = [out_indices]
+        if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Sequence) or not out_indices:
+            raise SETRConfigError(f"{key}: at least one block is needed (0-based ids), got {out_indices!r}")
+        blocks = [self.resolve_block(i, key) for i in out_indices]
+        if any(b <= a for a, b in itertools.pairwise(blocks)):
+            raise SETRConfigError(f"{key}: blocks must be increasing (each listed once), got {list(out_indices)}")
+        self.out_indices = blocks
 
     # ---------------------------------------------------------------- weights
     def load_pretrained(self, path: str | Path) -> dict[str, list[str]]:
@@ -222,7 +247,7 @@ class ViTEncoder(nn.Module):
             pe = state["pos_embed"]
             embed_prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
             n_old = pe.shape[1] - embed_prefix
-            side = int(round(n_old**0.5))
+            side = round(n_old**0.5)
             if side * side != n_old:
                 raise SETRConfigError(f"{path}: pos_embed has {n_old} patch positions, not a square grid")
             if (side, side) != self.grid_size:
@@ -235,7 +260,8 @@ class ViTEncoder(nn.Module):
                     antialias=False,
                 )
         own = self.vit.state_dict()
-        bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+        bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+               if k in own and own[k].shape != v.shape]
         if bad:
             raise SETRConfigError(f"{path}: weights do not fit encoder {self.name!r}: " + "; ".join(bad[:3]))
         result = self.vit.load_state_dict(state, strict=False)
@@ -257,7 +283,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure becomes one line naming the file
+    except Exception as e:  # any reader failure becomes one line naming the file
         raise SETRConfigError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):

@@ -20,6 +20,11 @@ MLA aux classifier bias     no                              yes
 
 Every head returns logits at its own output resolution; :class:`setr.models.SETR` resizes them to the input
 (bilinear, ``align_corners=False``).
+
+Every head has an ``in_index``, as mmsegmentation's decode heads: a position (or, for the MLA head, a list of
+positions) in the list of maps that feeds the heads, i.e. the encoder's ``out_indices`` maps or the neck's
+levels. :class:`setr.models.SETR` hands each head ``feeds[in_index]`` and knows no head type. The types are
+registered in :mod:`setr.models.registry`, which is how the config names them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from setr.models.norm import ChannelLayerNorm, build_norm
+from setr.models.registry import HEADS, NECKS
+
+# conv-stage keys of the up heads: a model preset (setr_small) sets them for its PUP head, and they must not
+# break a head type without conv stages swapped in for it (model/head=mla): those types accept and drop them
+UP_STAGE_KEYS = ("channels", "kernel_size", "up_scales", "conv_bias")
+
+
+def _one_position(in_index, what: str) -> int:
+    if isinstance(in_index, bool) or not isinstance(in_index, int):
+        raise ValueError(f"in_index: {what} reads one map, so in_index is one position, got {in_index!r}")
+    return in_index
+
+
+def _positions(in_index, what: str) -> list[int]:
+    if not isinstance(in_index, Sequence) or isinstance(in_index, str) or not in_index or any(
+            isinstance(i, bool) or not isinstance(i, int) for i in in_index):
+        raise ValueError(f"in_index: {what} reads several maps, so in_index is a list of positions, "
+                         f"got {in_index!r}")
+    return list(in_index)
 
 
 class ConvNormAct(nn.Sequential):
@@ -44,6 +68,7 @@ class ConvNormAct(nn.Sequential):
         )
 
 
+@HEADS.register("up")
 class UpHead(nn.Module):
     """Naive and PUP heads (main and auxiliary): LN over ViT channels, conv stages with upsampling, classifier.
 
@@ -57,7 +82,8 @@ class UpHead(nn.Module):
             mmseg Naive ``[4]``, mmseg PUP ``[2, 2, 2, 2]``.
         conv_bias: bias in the stage convs (official True, mmseg False).
         norm: norm layer of the stages (``bn``, ``syncbn``, ``gn``).
-        in_index: which encoder block (or neck output) feeds this head; kept for the model to route inputs.
+        in_index: position of this head's input in the maps that feed the heads (see the module docstring);
+            mmseg's SETR configs use 3 for the decode head (the last of four blocks), 0..2(3) for the auxiliary.
     """
 
     def __init__(
@@ -72,11 +98,11 @@ class UpHead(nn.Module):
         in_index: int = -1,
     ) -> None:
         super().__init__()
-        self.in_index = in_index
+        self.in_index = _one_position(in_index, "an 'up' head")
         self.norm = ChannelLayerNorm(in_channels, eps=1e-6)
         self.up_scales = [int(s) for s in up_scales]
         if not self.up_scales or min(self.up_scales) < 1:
-            raise ValueError(f"up_scales must be a non-empty list of factors >= 1, got {list(up_scales)}")
+            raise ValueError(f"up_scales: must be a non-empty list of factors >= 1, got {list(up_scales)}")
         stages = []
         cin = in_channels
         for _ in self.up_scales:
@@ -94,27 +120,28 @@ class UpHead(nn.Module):
         return self.cls(x)
 
 
+@NECKS.register("mla")
 class MLANeck(nn.Module):
     """Multi-level feature aggregation neck (official ``Conv_MLA`` with its per-level LayerNorms).
 
-    Inputs: ViT block outputs (shallow to deep). Each gets LN -> 1x1 conv -> BN -> ReLU; the projections are summed
-    top-down from the deepest level; each sum goes through 3x3 conv -> BN -> ReLU. Returns the levels shallow to
-    deep (official p6, p12, p18, p24). Lives outside any ``*head*`` name, so it trains at the backbone's LR as in
-    both reference codes.
+    Inputs: every map the encoder returns (its ``out_indices``, shallow to deep; mmseg's ``MLANeck`` has no
+    ``in_index`` either), so ``num_levels`` is the length of ``out_indices``. Each gets LN -> 1x1 conv -> BN ->
+    ReLU; the projections are summed top-down from the deepest level; each sum goes through 3x3 conv -> BN ->
+    ReLU. Returns the levels shallow to deep (official p6, p12, p18, p24). Lives outside any ``*head*`` name, so
+    it trains at the backbone's LR as in both reference codes.
     """
 
-    def __init__(self, in_channels: int, channels: int = 256, num_levels: int = 4, norm: str = "bn",
-                 in_index: Sequence[int] = (5, 11, 17, 23)) -> None:
+    def __init__(self, in_channels: int, channels: int = 256, num_levels: int = 4, norm: str = "bn") -> None:
         super().__init__()
-        self.in_index = list(in_index)
-        if len(self.in_index) != num_levels:
-            raise ValueError(f"MLA neck needs {num_levels} input layers, got {self.in_index}")
+        self.num_levels = num_levels
         self.norms = nn.ModuleList(ChannelLayerNorm(in_channels, eps=1e-6) for _ in range(num_levels))
         self.proj = nn.ModuleList(ConvNormAct(in_channels, channels, 1, False, norm) for _ in range(num_levels))
         self.fuse = nn.ModuleList(ConvNormAct(channels, channels, 3, False, norm) for _ in range(num_levels))
         self.out_channels = channels
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(feats) != self.num_levels:
+            raise ValueError(f"the MLA neck has {self.num_levels} levels, got {len(feats)} maps")
         projected = [p(n(f)) for f, n, p in zip(feats, self.norms, self.proj)]
         sums: list[torch.Tensor] = [None] * len(projected)  # type: ignore[list-item]
         acc = None
@@ -124,12 +151,20 @@ class MLANeck(nn.Module):
         return [f(s) for f, s in zip(self.fuse, sums)]
 
 
+@HEADS.register("mla")
 class MLAHead(nn.Module):
-    """SETR-MLA decode head: per level two 3x3 conv+BN+ReLU and a 4x upsample, concatenation, classifier."""
+    """SETR-MLA decode head: per level two 3x3 conv+BN+ReLU and a 4x upsample, concatenation, classifier.
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 128, num_levels: int = 4,
-                 align_corners: bool = True, cls_kernel: int = 3, up_scale: int = 4, norm: str = "bn") -> None:
+    ``in_index`` lists the levels it reads (all four neck levels in SETR-MLA, mmseg's ``in_index=(0, 1, 2, 3)``);
+    there is one branch per entry.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 128,
+                 in_index: Sequence[int] = (0, 1, 2, 3), align_corners: bool = True, cls_kernel: int = 3,
+                 up_scale: int = 4, norm: str = "bn") -> None:
         super().__init__()
+        self.in_index = _positions(in_index, "an 'mla' head")
+        num_levels = len(self.in_index)
         self.align_corners = align_corners
         self.up_scale = up_scale
         self.branches = nn.ModuleList(
@@ -147,12 +182,13 @@ class MLAHead(nn.Module):
         return self.cls(torch.cat(outs, dim=1))
 
 
+@HEADS.register("linear", ignore=UP_STAGE_KEYS)
 class LinearAuxHead(nn.Module):
     """SETR-MLA auxiliary head: a 1x1 classifier on one neck output (official: no bias; mmseg: bias)."""
 
-    def __init__(self, in_channels: int, num_classes: int, bias: bool = False, in_index: int = 0) -> None:
+    def __init__(self, in_channels: int, num_classes: int, bias: bool = False, in_index: int = -1) -> None:
         super().__init__()
-        self.in_index = in_index
+        self.in_index = _one_position(in_index, "a 'linear' head")
         self.cls = nn.Conv2d(in_channels, num_classes, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""SETR = ViT encoder + (optional MLA neck) + decode head + auxiliary heads, as a plain ``nn.Module``."""
+"""SETR = ViT encoder + (optional neck) + decode head + auxiliary heads, as a plain ``nn.Module``.
+
+Assembled as mmsegmentation's ``EncoderDecoder``: the encoder returns the maps of its ``out_indices`` blocks; an
+optional neck turns them into levels; every head, decode or auxiliary, reads ``feeds[in_index]`` of that list
+(a list of maps when ``in_index`` is a list, as the MLA head's). No head type is special-cased, so a new type
+only needs registering (:mod:`setr.models.registry`).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import setr.models.heads  # noqa: F401  (registers the head and neck types in HEADS and NECKS)
 from setr.errors import SETRConfigError
 from setr.models.encoder import ViTEncoder, pad_to_patch
-from setr.models.heads import LinearAuxHead, MLAHead, MLANeck, UpHead
 from setr.models.norm import NORM_LAYERS
+from setr.models.registry import HEADS, NECKS
+
+
+def select_inputs(feats: Sequence[torch.Tensor], in_index: int | Sequence[int]):
+    """``feats[in_index]``, or the list of those maps for a list of positions (mmseg's
+    ``BaseDecodeHead._transform_inputs`` without an input transform)."""
+    if isinstance(in_index, int):
+        return feats[in_index]
+    return [feats[i] for i in in_index]
+
+
+def feeds_of(encoder: ViTEncoder, neck: nn.Module | None) -> tuple[int, str]:
+    """How many maps feed the heads, and what they are (for messages): one per ``out_indices`` block, which a
+    neck turns into as many levels."""
+    n = len(encoder.out_indices)
+    if neck is None:
+        return n, "model.encoder.out_indices"
+    levels = getattr(neck, "num_levels", n)
+    if levels != n:
+        raise SETRConfigError(f"model.encoder.out_indices: the neck has {levels} levels but the encoder returns "
+                              f"{n} maps {encoder.out_indices}")
+    return n, "the neck's levels (one per model.encoder.out_indices block)"
+
+
+def check_in_index(in_index: int | Sequence[int], n: int, key: str, feeds: str) -> None:
+    """Raise :class:`SETRConfigError` (one line naming ``key``) unless every position is in ``-n .. n-1``."""
+    for i in [in_index] if isinstance(in_index, int) else list(in_index):
+        if not -n <= i < n:
+            raise SETRConfigError(f"{key}: position {i} is out of range for the {n} maps of {feeds} "
+                                  f"(use 0..{n - 1} or negative positions)")
 
 
 class SETR(nn.Module):
@@ -23,6 +59,9 @@ class SETR(nn.Module):
     matches the input. In eval mode it returns logits ``(B, num_classes, H, W)``; in training mode a dict with
     ``out`` (those logits) and ``aux`` (one logit map per auxiliary head, same size), whose loss weights are
     :attr:`aux_weights`.
+
+    Each head's ``in_index`` indexes the maps that feed the heads: the encoder's (one per ``out_indices`` block)
+    or, with a neck, the neck's levels (the neck reads all the encoder's maps).
     """
 
     def __init__(
@@ -31,7 +70,7 @@ class SETR(nn.Module):
         decode_head: nn.Module,
         auxiliary_heads: Sequence[nn.Module] = (),
         aux_weights: Sequence[float] = (),
-        neck: MLANeck | None = None,
+        neck: nn.Module | None = None,
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
@@ -43,28 +82,17 @@ class SETR(nn.Module):
         if len(self.aux_weights) != len(self.auxiliary_heads):
             raise ValueError("one loss weight per auxiliary head is required")
         self.num_classes = num_classes
-        # the encoder blocks this model reads; heads index into these (or into the neck outputs)
-        if neck is not None:
-            self._layers = [encoder.resolve_index(i) for i in neck.in_index]
-        else:
-            wanted = [decode_head.in_index] + [h.in_index for h in self.auxiliary_heads]
-            self._layers = sorted({encoder.resolve_index(i) for i in wanted})
-
-    def _features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], dict[int, int]]:
-        feats = self.encoder(x, self._layers)
-        if self.neck is not None:
-            return self.neck(feats), None  # heads index neck levels directly
-        return feats, {layer: pos for pos, layer in enumerate(self._layers)}
-
-    def _select(self, feats, where, index):
-        if where is None:
-            return feats[index]
-        return feats[where[self.encoder.resolve_index(index)]]
+        n, feeds = feeds_of(encoder, neck)
+        for name, head in [("decode_head", decode_head)] + [(f"auxiliary_heads.{i}", h)
+                                                             for i, h in enumerate(self.auxiliary_heads)]:
+            check_in_index(head.in_index, n, f"{name}.in_index", feeds)
 
     def forward(self, x: torch.Tensor):
         h, w = x.shape[-2:]
         x = pad_to_patch(x, self.encoder.patch_size)
-        feats, where = self._features(x)
+        feats = self.encoder(x)
+        if self.neck is not None:
+            feats = self.neck(feats)
         size = x.shape[-2:]
 
         def to_input(logits: torch.Tensor) -> torch.Tensor:
@@ -72,13 +100,10 @@ class SETR(nn.Module):
                 logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             return logits[..., :h, :w]
 
-        if isinstance(self.decode_head, MLAHead):
-            out = to_input(self.decode_head(feats))
-        else:
-            out = to_input(self.decode_head(self._select(feats, where, self.decode_head.in_index)))
+        out = to_input(self.decode_head(select_inputs(feats, self.decode_head.in_index)))
         if not self.training:
             return out
-        aux = [to_input(head(self._select(feats, where, head.in_index))) for head in self.auxiliary_heads]
+        aux = [to_input(head(select_inputs(feats, head.in_index))) for head in self.auxiliary_heads]
         return {"out": out, "aux": aux}
 
 
@@ -91,25 +116,25 @@ def _as_dict(cfg: Any, key: str) -> dict:
     return dict(cfg)
 
 
-def _pop_known(spec: dict, key: str, allowed: Sequence[str]) -> dict:
-    unknown = set(spec) - set(allowed)
-    if unknown:
-        raise SETRConfigError(f"{key}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
-    return spec
+def _as_list(v: Any) -> list:
+    return [v] if isinstance(v, int) else list(v)
 
 
-UP_KEYS = ("type", "in_index", "channels", "kernel_size", "up_scales", "conv_bias")
-MLA_HEAD_KEYS = ("type", "channels", "align_corners", "cls_kernel", "up_scale")
-NECK_KEYS = ("type", "in_index", "channels")
-AUX_KEYS = ("type", "in_index", "loss_weight", "channels", "kernel_size", "up_scales", "conv_bias", "bias")
+HEAD_KEYS = ("name", "decode", "neck", "auxiliary")
+# config-only keys of model.encoder: the table of out_indices per head family that the head presets pick from
+# (conf/model/encoder/*.yaml), and `taps`, its name in configs saved before out_indices existed
+ENCODER_CONFIG_ONLY = ("out_indices_presets", "taps")
 
 
 def build_setr(cfg: Mapping) -> SETR:
     """Build :class:`SETR` from a plain config mapping (the ``model`` node of the Hydra config).
 
-    Keys: ``num_classes``, ``norm`` (``bn``/``syncbn``/``gn``), ``encoder`` (kwargs of :class:`ViTEncoder`),
-    ``head`` with ``decode`` (``type: up`` or ``mla``), optional ``neck`` (``type: mla``) and optional
-    ``auxiliary`` (``type: up`` or ``linear``, a list ``in_index`` -> one head each, ``loss_weight``).
+    Keys: ``num_classes``, ``norm`` (``bn``/``syncbn``/``gn``), ``encoder`` (kwargs of :class:`ViTEncoder`,
+    ``out_indices`` among them), ``head`` with ``decode`` (``type``: a registered head, ``up`` by default),
+    optional ``neck`` (``type: mla``) and optional ``auxiliary`` (a head ``type``, a list ``in_index`` -> one
+    head each, ``loss_weight``). Heads' ``in_index`` are positions in the encoder's ``out_indices`` maps, or in
+    the neck's levels when there is a neck. Configs saved before ``out_indices`` existed (block ids as
+    ``in_index``, ``encoder.taps``) are translated, so old checkpoints rebuild the network they were trained as.
     Unknown keys and bad values raise :class:`SETRConfigError` naming the key.
     """
     cfg = _as_dict(cfg, "model")
@@ -120,81 +145,71 @@ def build_setr(cfg: Mapping) -> SETR:
     if norm not in NORM_LAYERS:
         raise SETRConfigError(f"model.norm: unknown norm layer {norm!r}; choose one of {', '.join(NORM_LAYERS)}")
     enc_cfg = _as_dict(cfg.get("encoder"), "model.encoder")
-    enc_cfg.pop("taps", None)  # config-only: the layer indices the head configs interpolate
+    head_cfg = _as_dict(cfg.get("head"), "model.head")
+    unknown = set(head_cfg) - set(HEAD_KEYS)
+    if unknown:
+        raise SETRConfigError(f"model.head: unknown key(s) {sorted(unknown)}; allowed: {', '.join(HEAD_KEYS)}")
+    neck_cfg = _as_dict(head_cfg.get("neck"), "model.head.neck")
+    dec = _as_dict(head_cfg.get("decode"), "model.head.decode")
+    aux = _as_dict(head_cfg.get("auxiliary"), "model.head.auxiliary")
+    # saved before out_indices existed: composed configs had encoder.taps; hand-written ones a neck in_index
+    legacy = "taps" in enc_cfg or ("in_index" in neck_cfg and "out_indices" not in enc_cfg)
+    for k in ENCODER_CONFIG_ONLY:
+        enc_cfg.pop(k, None)
     try:
         encoder = ViTEncoder(**enc_cfg)
     except TypeError as e:
         raise SETRConfigError(f"model.encoder: {e}") from e
-    head_cfg = _as_dict(cfg.get("head"), "model.head")
-    _pop_known(head_cfg, "model.head", ("name", "decode", "neck", "auxiliary"))
-    dim = encoder.embed_dim
+    if legacy:
+        _upgrade_legacy(encoder, neck_cfg, dec, aux)
 
     neck = None
-    neck_cfg = _as_dict(head_cfg.get("neck"), "model.head.neck")
     if neck_cfg:
-        _pop_known(neck_cfg, "model.head.neck", NECK_KEYS)
-        if neck_cfg.pop("type", "mla") != "mla":
-            raise SETRConfigError("model.head.neck.type: only 'mla' is available")
-        in_index = neck_cfg.pop("in_index", (5, 11, 17, 23))
-        in_index = [in_index] if isinstance(in_index, int) else list(in_index)
-        for i in in_index:
-            encoder.resolve_index(i, "model.head.neck.in_index")
-        try:
-            neck = MLANeck(dim, norm=norm, in_index=in_index, **neck_cfg)
-        except ValueError as e:
-            raise SETRConfigError(f"model.head.neck.in_index: {e}") from e
+        neck = NECKS.build(neck_cfg, "model.head.neck", "mla", in_channels=encoder.embed_dim,
+                           num_levels=len(encoder.out_indices), norm=norm)
+    # what the heads read: the encoder's maps, or the neck's levels
+    in_channels = encoder.embed_dim if neck is None else neck.out_channels
+    n_feeds, feeds = feeds_of(encoder, neck)
 
-    dec = _as_dict(head_cfg.get("decode"), "model.head.decode")
     if not dec:
         raise SETRConfigError("model.head.decode: missing; pick a head with model/head=naive|pup|mla (or *_mmseg)")
-    dtype = dec.pop("type", "up")
-    if dtype == "up":
-        _pop_known(dec, "model.head.decode", UP_KEYS)
-        encoder.resolve_index(dec.get("in_index", -1), "model.head.decode.in_index")
-        try:
-            decode_head = UpHead(dim, num_classes, norm=norm, **dec)
-        except ValueError as e:
-            raise SETRConfigError(f"model.head.decode: {e}") from e
-        if neck is not None:
-            raise SETRConfigError("model.head.decode.type: an 'up' head reads encoder layers; use 'mla' with the MLA neck")
-    elif dtype == "mla":
-        _pop_known(dec, "model.head.decode", MLA_HEAD_KEYS)
-        if neck is None:
-            raise SETRConfigError("model.head.decode.type: 'mla' needs model.head.neck (type: mla)")
-        decode_head = MLAHead(neck.out_channels, num_classes, num_levels=len(neck.in_index), norm=norm, **dec)
-    else:
-        raise SETRConfigError(f"model.head.decode.type: unknown head type {dtype!r}; choose 'up' or 'mla'")
+    decode_head = HEADS.build(dec, "model.head.decode", "up", in_channels=in_channels, num_classes=num_classes,
+                              norm=norm)
+    check_in_index(decode_head.in_index, n_feeds, "model.head.decode.in_index", feeds)
 
     aux_heads, aux_weights = [], []
-    aux = _as_dict(head_cfg.get("auxiliary"), "model.head.auxiliary")
     if aux:
-        _pop_known(aux, "model.head.auxiliary", AUX_KEYS)
-        atype = aux.pop("type", "up")
         weight = float(aux.pop("loss_weight", 0.4))
         if weight < 0:
             raise SETRConfigError(f"model.head.auxiliary.loss_weight: must be >= 0, got {weight}")
-        indices = aux.pop("in_index", [])
-        indices = [indices] if isinstance(indices, int) else list(indices)
-        for i in indices:
-            if atype == "up":
-                if neck is not None:
-                    raise SETRConfigError("model.head.auxiliary.type: use 'linear' auxiliary heads on the MLA neck")
-                encoder.resolve_index(i, "model.head.auxiliary.in_index")
-                if "bias" in aux:
-                    raise SETRConfigError("model.head.auxiliary.bias: applies to 'linear' heads; 'up' heads use conv_bias")
-                try:
-                    aux_heads.append(UpHead(dim, num_classes, norm=norm, in_index=i, **aux))
-                except ValueError as e:
-                    raise SETRConfigError(f"model.head.auxiliary: {e}") from e
-            elif atype == "linear":
-                if neck is None:
-                    raise SETRConfigError("model.head.auxiliary.type: 'linear' auxiliary heads read the MLA neck")
-                if not 0 <= i < len(neck.in_index):
-                    raise SETRConfigError(f"model.head.auxiliary.in_index: {i} is not a neck level (0..{len(neck.in_index) - 1})")
-                # conv-stage keys of 'up' heads (e.g. a model preset's `channels`) do not apply to a 1x1 classifier
-                lin = {k: v for k, v in aux.items() if k == "bias"}
-                aux_heads.append(LinearAuxHead(neck.out_channels, num_classes, in_index=i, **lin))
-            else:
-                raise SETRConfigError(f"model.head.auxiliary.type: unknown type {atype!r}; choose 'up' or 'linear'")
+        positions = aux.pop("in_index", [])
+        positions = [positions] if isinstance(positions, int) else list(positions)
+        for i in positions:  # one head per entry (an entry may itself be a list, for a multi-input head)
+            head = HEADS.build(aux, "model.head.auxiliary", "up", in_channels=in_channels, num_classes=num_classes,
+                               norm=norm, in_index=i)
+            check_in_index(head.in_index, n_feeds, "model.head.auxiliary.in_index", feeds)
+            aux_heads.append(head)
             aux_weights.append(weight)
     return SETR(encoder, decode_head, aux_heads, aux_weights, neck=neck, num_classes=num_classes)
+
+
+def _upgrade_legacy(encoder: ViTEncoder, neck: dict, dec: dict, aux: dict) -> None:
+    """Translate, in place, a model config saved before ``out_indices`` existed (checkpoints carry theirs).
+
+    Then the heads' (and the MLA neck's) ``in_index`` were 0-based block ids, the MLA decode head read every neck
+    level implicitly and ``encoder.taps`` only fed interpolations. Now: the neck's blocks, or the blocks the
+    heads read (sorted, once each), become ``out_indices``, and ``in_index`` become positions in that list.
+    """
+    if neck:
+        blocks = _as_list(neck.pop("in_index", (5, 11, 17, 23)))
+        encoder.set_out_indices(blocks, "model.head.neck.in_index")
+        dec.setdefault("in_index", list(range(len(blocks))))
+        return  # auxiliary heads on the neck already indexed its levels
+    decode_block = encoder.resolve_block(dec.get("in_index", -1), "model.head.decode.in_index")
+    aux_blocks = [encoder.resolve_block(i, "model.head.auxiliary.in_index")
+                  for i in _as_list(aux.get("in_index", []))]
+    blocks = sorted({decode_block, *aux_blocks})
+    encoder.set_out_indices(blocks)
+    dec["in_index"] = blocks.index(decode_block)
+    if aux:
+        aux["in_index"] = [blocks.index(b) for b in aux_blocks]

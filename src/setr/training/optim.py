@@ -19,8 +19,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult:
 
     "Head" means the parameter name contains ``head`` (decode_head.*, auxiliary_heads.*), as the recipes'
     ``custom_keys={'head': lr_mult=10}``: the MLA neck trains at the base LR. No weight decay on norms, biases,
-    position embeddings and prefix tokens when ``no_decay_norm_bias_pos``. Each group carries ``lr_mult`` so the
-    scheduler scales every group from the base LR.
+    position embeddings and prefix tokens when ``no_decay_norm_bias_pos``. Each group starts at ``lr * lr_mult``
+    (``lr_mult`` is kept for the record); :func:`build_scheduler` decays every group from there to ``min_lr``.
     """
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     norm_params = {id(p) for m in model.modules()
@@ -70,7 +70,8 @@ def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
 def poly_factor(step: int, total: int, power: float, base_lr: float, min_lr: float,
                 warmup_steps: int = 0, warmup_ratio: float = 1e-6) -> float:
     """Multiplier of ``base_lr`` at ``step``: mmcv's poly ``(base - min) * (1 - step/total)^power + min`` after a
-    linear warmup from ``base * warmup_ratio``."""
+    linear warmup from ``base * warmup_ratio``. ``base_lr`` is ONE group's base LR: the offset ``min_lr`` is
+    absolute, so a factor computed for one group is wrong for a group with another base LR."""
     step = min(step, total)
     lr = (base_lr - min_lr) * (1 - step / max(total, 1)) ** power + min_lr
     if warmup_steps and step < warmup_steps:
@@ -79,18 +80,36 @@ def poly_factor(step: int, total: int, power: float, base_lr: float, min_lr: flo
     return lr / base_lr
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, total_steps: int, base_lr: float):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping, total_steps: int,
+                    base_lr: float | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LR schedule: ``poly`` (the recipes') or ``constant``, each after an optional linear warmup.
+
+    Every parameter group gets its own lambda, because mmcv's ``PolyLrUpdaterHook`` and mmengine's ``PolyLR``
+    decay each group from its own base LR (``lr * lr_mult``, what :func:`param_groups` put in ``lr``) to the
+    same ``min_lr``: one shared factor would floor the x10 head groups at 10 x ``min_lr``. ``base_lr`` (the
+    optimizer's LR before multipliers) is not needed for that and is accepted for callers that pass it.
+
+    A group whose base LR is not above ``min_lr`` (tiny LRs in sweeps) decays to 0 instead: with ``min_lr`` as
+    its floor its LR would grow. The other groups keep ``min_lr``.
+    """
+    del base_lr  # each group's own LR is its base
     cfg = dict(cfg or {})
     name = cfg.get("name", "poly")
     warmup = int(cfg.get("warmup_steps", 0))
     ratio = float(cfg.get("warmup_ratio", 1e-6))
     if name == "poly":
         power, min_lr = float(cfg.get("power", 0.9)), float(cfg.get("min_lr", 1e-4))
-        if min_lr >= base_lr:
-            min_lr = 0.0  # a min_lr above the base LR (tiny LRs in sweeps) would make the schedule grow
-        fn = lambda step: poly_factor(step, total_steps, power, base_lr, min_lr, warmup, ratio)  # noqa: E731
     elif name == "constant":
-        fn = lambda step: poly_factor(step, total_steps, 0.0, base_lr, 0.0, warmup, ratio)  # noqa: E731
+        power, min_lr = 0.0, 0.0
     else:
         raise SETRConfigError(f"optimizer.scheduler.name: unknown schedule {name!r}; choose poly or constant")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+    def group_lambda(base: float):
+        if base <= 0:  # a frozen group (lr 0) stays at 0; its factor is irrelevant
+            return lambda step: 1.0
+        floor = min_lr if min_lr < base else 0.0
+        return lambda step: poly_factor(step, total_steps, power, base, floor, warmup, ratio)
+
+    # LambdaLR records each group's starting LR as ``initial_lr`` (kept on resume) and multiplies it by the lambda
+    bases = [float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [group_lambda(b) for b in bases])
