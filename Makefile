@@ -3,26 +3,38 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the exact versions the suite passed with; CONSTRAINTS= installs from the ranges in pyproject.toml alone
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: install train test test-fast clean
+.PHONY: install train test test-fast lint format constraints clean
 
 install: $(STAMP)
 
-# Re-installs only when pyproject.toml changes; `pip install -e` keeps src/ live.
-$(STAMP): pyproject.toml
+# Re-installs only when pyproject.toml or the constraints change; `pip install -e` keeps src/ live.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	@touch $(STAMP)
 
 train: install  ## train the small SETR on the built-in synthetic dataset (CPU, a few minutes)
 	$(PY) src/train.py $(ARGS)
 
-test: install  ## the whole suite (what CI runs)
+test: install  ## the whole suite (what CI runs, after `make lint`)
 	$(PY) -m pytest -n 2 --dist loadfile -q $(ARGS)
 
 test-fast: install  ## skip the end-to-end runs
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: install  ## ruff: lint rules and import order (configured in pyproject.toml)
+	$(VENV)/bin/ruff check src tests notebooks
+
+format: install  ## apply ruff's safe fixes
+	$(VENV)/bin/ruff check --fix src tests notebooks
+
+constraints: install  ## re-pin constraints.txt to what is installed now
+	@{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^-e'; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache wandb

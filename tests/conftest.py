@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ def _compose(overrides: tuple[str, ...], config_name: str):
         return compose(config_name, overrides=list(overrides))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model_cfg(overrides: tuple[str, ...]) -> dict:
     from omegaconf import OmegaConf
 
@@ -54,21 +54,23 @@ def tiny_setr() -> Callable[..., object]:
 
 
 def write_tiny_checkpoint(path: Path, head: str = "naive", crop: int = 64, num_classes: int = 4, seed: int = 0,
-                          inference: dict | None = None) -> Path:
-    """A checkpoint in src/train.py's format (``hyper_parameters`` + ``state_dict``) of a tiny seeded SETR with
-    the synthetic dataset's class names and palette: what predict / export / eval read, without a training run."""
+                          inference: dict | None = None, test_pipeline: list | None = None) -> Path:
+    """A checkpoint in src/train.py's format (``hyper_parameters.record`` + ``state_dict``) of a tiny seeded SETR
+    with the synthetic dataset's class names and palette: what predict / export / eval read, without a training
+    run."""
     import lightning
     import torch
 
+    from setr.checkpoint import ModelRecord
     from setr.data.synthetic import SyntheticShapes
     from setr.training import SETRModule
 
     data = SyntheticShapes(num_samples=1, num_classes=num_classes)
     torch.manual_seed(seed)
-    module = SETRModule(model=tiny_model_cfg(head, crop, num_classes), optimizer={"name": "sgd", "lr": 0.01},
-                        num_classes=num_classes, class_names=list(data.class_names),
-                        palette=[list(c) for c in data.palette], crop_size=crop,
-                        inference=inference or {"mode": "whole"})
+    record = ModelRecord(model=tiny_model_cfg(head, crop, num_classes), class_names=list(data.class_names),
+                         palette=[list(c) for c in data.palette], crop_size=crop,
+                         inference=inference or {"mode": "whole"}, test_pipeline=test_pipeline or [])
+    module = SETRModule(record=record, optimizer={"name": "sgd", "lr": 0.01})
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict(),
                 "pytorch-lightning_version": lightning.__version__, "epoch": 0, "global_step": 0}, path)

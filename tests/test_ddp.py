@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from pipeline import last_json, run_entry
-from setr.utils.run import is_rank_zero
+from setr.utils.distributed import is_rank_zero
 
 # 7 validation images in batches of 2: rank 0 scores 4 of them, rank 1 the other 3 (uneven, nothing padded).
 # The naive head predicts several classes after 2 small steps, so the confusion matrix is not one column.
@@ -61,8 +61,7 @@ def test_is_rank_zero(monkeypatch, env, zero):
 
 @pytest.mark.slow
 def test_ddp_metrics_equal_single_process_evaluation(tmp_path):
-    proc = run_entry("train.py", *DDP, *TRAIN, "callbacks=model_checkpoint", log_dir=tmp_path / "train_logs",
-                     timeout=240)
+    proc = run_entry("train.py", *DDP, *TRAIN, log_dir=tmp_path / "train_logs", timeout=240)  # default callbacks
     # rank 1 joined rank 0's run: one run folder, no sweep folder, one final metrics line
     task = tmp_path / "train_logs" / "train"
     assert sorted(p.name for p in task.iterdir()) == ["runs"]
@@ -82,10 +81,45 @@ def test_ddp_metrics_equal_single_process_evaluation(tmp_path):
     # the same weights scored by one process on the whole validation set (the checkpoint of that validation)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 2
+    eval_dir = tmp_path / "eval"
     single = last_json(run_entry("eval.py", f"ckpt_path={ckpt}", *DATA, "trainer.accelerator=cpu",
-                                 "extras.print_config=false", log_dir=tmp_path / "eval_logs"))
+                                 "extras.print_config=false", f"hydra.run.dir={eval_dir}",
+                                 log_dir=tmp_path / "eval_logs"))
     for key in SCORES:
         assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
+
+    # the saved confusion matrix is the all-reduced one (both ranks' pixels), not rank 0's shard
+    ddp_cm, single_cm = read_confusion(run_dir / "val_confusion.csv"), read_confusion(eval_dir / "val_confusion.csv")
+    assert ddp_cm == single_cm
+    assert sum(map(sum, ddp_cm)) == 7 * 64 * 64 - ignored_pixels(7), "every labelled validation pixel, once"
+    report = json.loads((run_dir / "val_scores.json").read_text())
+    assert report["mIoU"] == pytest.approx(ddp["val/mIoU"], abs=1e-6)
+    assert [r["IoU"] for r in report["per_class"]] == pytest.approx(iou_of(ddp_cm), abs=1e-6)
+
+
+def read_confusion(path) -> list[list[int]]:
+    import csv
+    from pathlib import Path
+
+    rows = list(csv.reader(Path(path).read_text().splitlines()))
+    return [[int(v) for v in row[1:]] for row in rows[1:]]
+
+
+def iou_of(cm: list[list[int]]) -> list[float]:
+    n = len(cm)
+    out = []
+    for i in range(n):
+        tp, gt, pred = cm[i][i], sum(cm[i]), sum(cm[r][i] for r in range(n))
+        out.append(tp / (gt + pred - tp))
+    return out
+
+
+def ignored_pixels(n: int) -> int:
+    """Pixels labelled 255 in the first ``n`` synthetic 64x64 validation images (as the data module reads them)."""
+    from setr.data import build_dataset
+
+    ds = build_dataset("synthetic", "val", num_samples=n, image_size=64)
+    return sum(int((ds[i]["mask"] == 255).sum()) for i in range(n))
 
 
 @pytest.mark.slow
@@ -93,7 +127,7 @@ def test_ddp_in_an_optuna_sweep_does_not_hang_or_fork(tmp_path):
     # hparams_search=optuna sets hydra.mode=MULTIRUN in the config itself: rank 1 must still run one job only
     try:
         proc = run_entry("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *DDP, *TRAIN,
-                         "callbacks=none", "logger=wandb", log_dir=tmp_path, timeout=200,
+                         "logger=wandb", log_dir=tmp_path, timeout=200,
                          env={"HOME": str(tmp_path / "home")})
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"a DDP job inside a -m sweep hung: {e}")
@@ -120,7 +154,7 @@ def test_child_command_joins_the_current_job(tmp_path, monkeypatch):
     from omegaconf import open_dict
 
     from pipeline import ROOT
-    from setr.utils.run import patch_lightning_hydra_ddp
+    from setr.utils.distributed import patch_lightning_hydra_ddp
 
     task_overrides = ["hparams_search=optuna", "optimizer.lr=0.02", *DDP]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -75,27 +75,38 @@ def test_data_notebook_executes(venv_kernel, project_with_fake_data):
     assert figures == 4, "synthetic samples, augmentations, and one figure per present real dataset"
 
 
+# an ADE20K-like keep-ratio test resize (2048x512 scaled down by 8) on the tiny models
+RESCALE = [{"_target_": "setr.data.transforms.RandomRescale", "img_scale": [256, 64], "ratio_range": None}]
+
+
 @pytest.mark.parametrize("source", ["SETR_CKPT", "fresh"])
 def test_predict_notebook_executes(source, venv_kernel, tmp_path, monkeypatch):
-    """With SETR_CKPT (an MLA checkpoint: the cls token is dropped before the blocks) and with no checkpoint
-    anywhere (PROJECT_ROOT without logs/: a freshly initialised tiny SETR-PUP, which keeps the cls token)."""
+    """With SETR_CKPT (an MLA checkpoint: the cls token is dropped before the blocks; with a test-time resize, as
+    src/predict.py applies it) and with no checkpoint anywhere (PROJECT_ROOT without logs/: a freshly initialised
+    tiny SETR-PUP, which keeps the cls token; the synthetic data has no test resize: photos at their own size)."""
     monkeypatch.setenv("PROJECT_ROOT", str(tmp_path / "empty_project"))
     if source == "SETR_CKPT":
-        ckpt = write_tiny_checkpoint(tmp_path / "mla.ckpt", head="mla")
+        ckpt = write_tiny_checkpoint(tmp_path / "mla.ckpt", head="mla", test_pipeline=RESCALE)
         monkeypatch.setenv("SETR_CKPT", str(ckpt))
     else:
         monkeypatch.delenv("SETR_CKPT", raising=False)
     text, figures = execute("02_predict.ipynb", venv_kernel)
+    assert "4 classes: background, disc, rectangle, triangle" in text
     if source == "SETR_CKPT":
         assert f"checkpoint: {ckpt} (from SETR_CKPT)" in text and "MEANINGLESS" not in text
-        token, prefix = 5, 0  # row 1 * 4 columns + col 1, no prefix token
+        # keep ratio into 256x64: factor min(256 / long, 64 / short)
+        inputs = {"astronaut": ("512x512", "64x64"), "coffee": ("600x400", "96x64"), "camera": ("512x512", "64x64")}
+        # the 512x512 photo runs at 64x64: pixel (130, 220) -> (16, 27) -> patch (1, 1) of 4x4
+        assert "-> model input (y=16, x=27) of 64x64 -> patch row 1, col 1 of the 4x4 grid" in text
+        assert "-> token 5 (0 prefix token(s) before the patches)" in text  # row 1 * 4 columns + col 1
     else:
         assert "no checkpoint" in text and "MEANINGLESS" in text
-        token, prefix = 6, 1
-    assert "4 classes: background, disc, rectangle, triangle" in text
-    for name, size in (("astronaut", "512x512"), ("coffee", "600x400"), ("camera", "512x512")):
-        assert f"{name}: photo {size}" in text
-    # the 512x512 photo runs at the 64x64 crop: pixel (130, 220) -> (16, 27) -> patch (1, 1) of 4x4
-    assert "-> model input (y=16, x=27) of 64x64 -> patch row 1, col 1 of the 4x4 grid" in text
-    assert f"-> token {token} ({prefix} prefix token(s) before the patches)" in text
+        assert "test-time resize none (photos run at their own size)" in text
+        inputs = {"astronaut": ("512x512", "512x512"), "coffee": ("600x400", "600x400"),
+                  "camera": ("512x512", "512x512")}
+        # at 512x512: pixel (130, 220) -> patch (8, 13) of 32x32 -> token 1 + 8 * 32 + 13
+        assert "-> model input (y=130, x=220) of 512x512 -> patch row 8, col 13 of the 32x32 grid" in text
+        assert "-> token 270 (1 prefix token(s) before the patches)" in text
+    for name, (photo, model_input) in inputs.items():
+        assert f"{name}: photo {photo}, model input {model_input};" in text
     assert figures == 2, "predictions, attention map"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,14 +91,14 @@ def test_report_files_hold_the_same_figures(tmp_path):
     assert [r["IoU"] for r in data["per_class"][:3]] == pytest.approx(want["iou"][:3])
     assert data["per_class"][3] == {"class": "sky", "IoU": None, "Acc": None}
 
-    rows = list(csv.reader(open(tmp_path / "test_scores.csv")))
+    rows = list(csv.reader(Path(tmp_path / "test_scores.csv").read_text().splitlines()))
     assert rows[0] == ["class", "IoU", "Acc"]
     assert rows[2][0] == "car" and float(rows[2][1]) == pytest.approx(0.6) and float(rows[2][2]) == pytest.approx(0.75)
     assert rows[4] == ["sky", "", ""]
     assert rows[5][0] == "mean" and float(rows[5][1]) == pytest.approx(want["mIoU"])
     assert rows[6][0] == "aAcc" and float(rows[6][2]) == pytest.approx(11 / 14)
 
-    cm = list(csv.reader(open(tmp_path / "test_confusion.csv")))
+    cm = list(csv.reader(Path(tmp_path / "test_confusion.csv").read_text().splitlines()))
     assert cm[0] == ["label \\ prediction", *NAMES]
     # counted by hand from the arrays above: label road (5 pixels) -> 4 road, 1 car
     assert [int(v) for v in cm[1][1:]] == [4, 1, 0, 0]
@@ -120,5 +121,5 @@ def test_table_shows_percentages_and_absent_classes():
     text = console.export_text()
     assert "66.67" in text and "60.00" in text  # IoU of road / tree, car
     assert "78.57" in text and "64.44" in text  # aAcc, mIoU
-    sky = [ln for ln in text.splitlines() if "sky" in ln][0]
+    sky = next(ln for ln in text.splitlines() if "sky" in ln)
     assert "-" in sky

@@ -20,7 +20,6 @@ SMALL = [
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "extras.print_config=false",
-    "callbacks=none",
 ]
 
 
@@ -87,7 +86,7 @@ def test_optuna_study_maximises_val_miou_and_persists(tmp_path):
 
     import optuna
 
-    from setr.utils.run import optuna_storage
+    from setr.utils.optuna_storage import optuna_storage
 
     study = optuna.load_study(study_name="setr", storage=optuna_storage(f"sqlite:///{db}"))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -106,10 +105,9 @@ def _compose(overrides: list[str]):
 
 
 def test_slurm_launchers_compose_and_make_the_sbatch_script(tmp_path, monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
-
-    from hydra.core.hydra_config import HydraConfig
 
     monkeypatch.setenv("PROJECT_ROOT", str(ROOT))
     monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # _compose sets it; put back afterwards

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import setr
 from pipeline import TINY, last_json, run_entry
+from setr.checkpoint import ModelRecord
 from setr.training.datamodule import EpochSampler, collate
-from setr.training.module import SETRModule, load_checkpoint_model
+from setr.training.module import SETRModule
 from setr.training.optim import build_optimizer, param_groups, poly_factor
 
 
@@ -36,8 +38,8 @@ def test_train_writes_metrics_checkpoints_and_per_class_csv(trained_run):
     assert metrics["global_step"] == 6
     assert json.loads((run_dir / "metrics.json").read_text()) == pytest.approx(metrics, nan_ok=True)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert list((run_dir / "checkpoints").glob("epoch=*.ckpt")), "best checkpoint by val/mIoU"
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    assert list((run_dir / "checkpoints").glob("step_*.ckpt")), "best checkpoint by val/mIoU"
+    rows = list(csv.DictReader(Path(run_dir / "csv" / "metrics.csv").read_text().splitlines()))
     header = rows[0].keys()
     assert {"val/IoU/background", "val/IoU/disc", "val/mIoU"} <= set(header)
     assert (run_dir / ".hydra" / "config.yaml").is_file()
@@ -53,18 +55,25 @@ def test_train_writes_metrics_checkpoints_and_per_class_csv(trained_run):
 def test_checkpoint_loads_without_arguments_and_eval_matches(trained_run, tmp_path):
     _, run_dir = trained_run
     last = run_dir / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)  # tensors and plain values only
     assert ckpt["config"]["model"]["encoder"]["name"] == "vit_tiny_patch16", "resolved config inside the checkpoint"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        module = SETRModule.load_from_checkpoint(str(last), map_location="cpu")
-    assert module.hparams.class_names == ["background", "disc", "rectangle", "triangle"]
-    model, meta = load_checkpoint_model(last)
-    assert not model.training and meta["num_classes"] == 4 and len(meta["palette"]) == 4
+        module = SETRModule.load_from_checkpoint(str(last), map_location="cpu", weights_only=True)
+    assert module.record.class_names == ["background", "disc", "rectangle", "triangle"]
+    model = setr.load_model(last)
+    assert not model.training and model.record.num_classes == 4 and len(model.record.palette) == 4
+    assert model.record.crop_size == [64, 64] and model.record.inference == {"mode": "whole"}
+    assert all(torch.equal(v, module.model.state_dict()[k]) for k, v in model.state_dict().items())
+    # no Lightning: the network alone, at an input size it never saw (not a multiple of the patch size)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 50, 71)
+        assert model(x).shape == (2, 4, 50, 71)
+        assert torch.allclose(model(x), module.model.eval()(x))
 
     # eval.py on the final weights reproduces the last validation of training exactly
     final_val = json.loads((run_dir / "metrics.json").read_text())["val/mIoU"]
-    proc = run_entry("eval.py", *[o for o in TINY if "callbacks" not in o], f"ckpt_path={last}",
+    proc = run_entry("eval.py", *TINY, f"ckpt_path={last}",
                      f"hydra.run.dir={tmp_path / 'eval'}", log_dir=tmp_path)
     out = last_json(proc)
     assert out["val/mIoU"] == pytest.approx(final_val, abs=1e-6)
@@ -89,9 +98,31 @@ def test_resume_is_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_fast_dev_run(tmp_path):
-    proc = run_entry("train.py", *TINY, "debug=fdr", f"hydra.run.dir={tmp_path / 'fdr'}", log_dir=tmp_path)
-    assert last_json(proc)["global_step"] == 1
+def test_run_ending_between_validations_validates_its_final_weights(tmp_path):
+    """max_steps=4 with validation every 3 steps: the run validates at step 4 too, so the final JSON line, the
+    report and last.ckpt all describe the final weights."""
+    run_dir = tmp_path / "r"
+    proc = run_entry("train.py", *TINY, "trainer.max_steps=4", "trainer.val_check_interval=3",
+                     f"hydra.run.dir={run_dir}", log_dir=tmp_path)
+    metrics = last_json(proc)
+    assert metrics["global_step"] == 4 and "val/mIoU" in metrics and "val/IoU/disc" in metrics
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.ckpt")) in (
+        ["step_000003.ckpt"], ["step_000004.ckpt"])
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    report = json.loads((run_dir / "val_scores.json").read_text())
+    assert report["mIoU"] == pytest.approx(metrics["val/mIoU"], abs=1e-6)
+    assert proc.stdout.count("val scores (step") == 1, "one report table, for the final validation"
+    lines = (run_dir / "csv" / "metrics.csv").read_text().splitlines()
+    rows = [r for r in csv.DictReader(lines) if r.get("val/mIoU")]
+    assert [int(r["step"]) for r in rows] == [2, 3], "validations after steps 3 and 4 (0-based logging steps)"
+
+
+@pytest.mark.slow
+def test_unknown_model_is_one_error_line(tmp_path):
+    proc = run_entry("train.py", "model=nope", log_dir=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: In 'train': Could not find 'model/nope'; available: setr_mla, setr_naive, setr_pup, setr_small"]
 
 
 @pytest.mark.slow
@@ -114,13 +145,6 @@ def test_bad_config_gives_one_clear_line(tmp_path, override, message):
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_unknown_model_name_is_reported_by_hydra(tmp_path):
-    proc = run_entry("train.py", "model=nope", log_dir=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "Could not find 'model/nope'" in proc.stderr and "Traceback" not in proc.stderr
-
-
 # --------------------------------------------------------------------------------------------- units
 def _tiny_module(**kw) -> SETRModule:
     from setr.models import build_setr  # noqa: F401  (import check)
@@ -131,8 +155,8 @@ def _tiny_module(**kw) -> SETRModule:
         "head": {"decode": {"type": "up", "in_index": -1, "channels": 16, "kernel_size": 1, "up_scales": [1]},
                  "auxiliary": {"type": "up", "in_index": [0], "channels": 16, "kernel_size": 1, "up_scales": [1]}},
     }
-    return SETRModule(model=model, optimizer={"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0}, num_classes=3,
-                      crop_size=32, **kw)
+    record = ModelRecord(model={**model, "num_classes": 3}, class_names=["a", "b", "c"], palette=[], crop_size=32)
+    return SETRModule(record=record, optimizer={"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0}, **kw)
 
 
 def test_param_groups_head_multiplier_and_no_decay():
@@ -164,16 +188,16 @@ def test_optimizer_rejects_bad_values():
     from setr.errors import SETRConfigError
 
     module = _tiny_module()
-    with pytest.raises(SETRConfigError, match="optimizer.lr"):
+    with pytest.raises(SETRConfigError, match=r"optimizer.lr"):
         build_optimizer(module.model, {"name": "sgd", "lr": 0})
-    with pytest.raises(SETRConfigError, match="optimizer.name"):
+    with pytest.raises(SETRConfigError, match=r"optimizer.name"):
         build_optimizer(module.model, {"name": "lion", "lr": 0.1})
 
 
 def test_epoch_sampler_shards_cover_everything_once():
     n = 11
     shards = [list(EpochSampler(n, shuffle=False, world=3, rank=r)) for r in range(3)]
-    assert sorted(sum(shards, [])) == list(range(n))
+    assert sorted(i for shard in shards for i in shard) == list(range(n))
     a, b = EpochSampler(n, shuffle=True, seed=3), EpochSampler(n, shuffle=True, seed=3)
     a.set_epoch(1), b.set_epoch(1)
     assert list(a) == list(b)
@@ -199,18 +223,74 @@ def test_compiled_checkpoint_loads_into_uncompiled_model(tmp_path):
     state = {k.replace("model.", "model._orig_mod.", 1): v for k, v in module.state_dict().items()}
     path = tmp_path / "compiled.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams)}, path)
-    model, meta = load_checkpoint_model(path)
+    model = setr.load_model(path)
     ref = module.model.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
-    assert meta["num_classes"] == 3
+    assert model.record.num_classes == 3
 
 
-def test_load_checkpoint_model_errors(tmp_path):
+@pytest.mark.slow
+def test_compile_really_compiles_and_trains_a_step():
+    """compile=true: torch.compile (inductor, CPU) compiles the network and a training step runs through the
+    compiled code, giving the eager step's loss and gradients."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    compiled = _tiny_module(compile=True).train()
+    eager = _tiny_module().train()
+    eager.load_state_dict(compiled.state_dict())
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    losses, grads = [], []
+    for m in (compiled, eager):
+        loss, _ = m.compute_loss(m(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(m.model.decode_head.cls.weight.grad.clone())
+    assert counts["stats"]["unique_graphs"] >= 1, "torch.compile produced no graph"
+    assert sum(counts["inductor"].values()) > 0 or counts["aot_autograd"]["total"] > 0, "nothing was compiled"
+    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_load_model_errors(tmp_path):
     from setr.errors import SETRConfigError
 
     with pytest.raises(SETRConfigError, match="not found"):
-        load_checkpoint_model(tmp_path / "missing.ckpt")
+        setr.load_model(tmp_path / "missing.ckpt")
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(SETRConfigError, match="bad.ckpt"):
-        load_checkpoint_model(bad)
+    with pytest.raises(SETRConfigError, match=r"bad.ckpt"):
+        setr.load_model(bad)
+    # a file that needs arbitrary unpickling is refused, not executed
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"record": {}}, "obj": Path("x")}, pickled)
+    with pytest.raises(SETRConfigError, match=r"pickled.ckpt.*not unpickled"):
+        setr.load_model(pickled)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(SETRConfigError, match=r"foreign.ckpt is not a checkpoint written by src/train.py"):
+        setr.load_model(foreign)
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_the_newest_run_of_the_same_experiment(tmp_path):
+    """resume=auto picks the newest run with the same task / experiment / model / data, not the newest run."""
+    runs = tmp_path / "train" / "runs"
+    run_entry("train.py", *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2",
+              f"hydra.run.dir={runs / 'small'}", log_dir=tmp_path)
+    run_entry("train.py", "model=setr_naive", *TINY, "trainer.max_steps=1", f"hydra.run.dir={runs / 'naive'}",
+              log_dir=tmp_path)  # newer, another model
+    proc = run_entry("train.py", *TINY, "resume=auto", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                     log_dir=tmp_path)
+    assert f"resume=auto: continuing {runs / 'small'} (model=setr_small data=synthetic)" in proc.stderr
+    assert last_json(proc)["global_step"] == 4
+    assert json.loads((runs / "small" / "metrics.json").read_text())["global_step"] == 4
+    assert sorted(p.name for p in runs.iterdir()) == ["naive", "small"], "no new run folder"
+
+    fresh = run_entry("train.py", "model=setr_pup", *TINY, "resume=auto", "train=false", log_dir=tmp_path)
+    assert "resume=auto: no train run of model=setr_pup data=synthetic with a last.ckpt under" in fresh.stderr
+    assert "starting a new run" in fresh.stderr
+    assert len(list(runs.iterdir())) == 3

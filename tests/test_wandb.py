@@ -24,8 +24,7 @@ OVERRIDES = [
     *tiny_data(8, 4),
     "trainer.val_check_interval=2",
     "extras.print_config=false",
-    "callbacks=[model_checkpoint,wandb_samples]",
-    "callbacks.wandb_samples.num_samples=2",
+    "callbacks.wandb_samples.num_samples=2",  # the default callbacks otherwise
     "logger=wandb",
 ]
 

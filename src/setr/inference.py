@@ -8,18 +8,31 @@
   padded and cropped back — mmsegmentation's ``slide_inference``);
 * ``scales`` (ratios of the input size, default ``[1.0]``) and ``flip``: multi-scale + horizontal-flip testing;
   the logits of every scale/flip are resized to ``out_size`` and averaged.
+
+The second half works on photos as arrays (uint8 RGB ``(H, W, 3)``) with a network from
+:func:`setr.load_model`: :func:`predict_images` applies the checkpoint's test-time resize
+(``record.test_pipeline``), normalises, calls :func:`infer` with the record's inference settings and returns class
+ids at each photo's own size. ``src/predict.py`` and ``notebooks/02_predict.ipynb`` both go through it, so a
+photo gets the same labels in a notebook as from the command line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from setr.errors import SETRConfigError
 
+if TYPE_CHECKING:
+    from setr.checkpoint import ModelRecord
+
 MODES = ("whole", "slide")
+INFERENCE_KEYS = ("mode", "crop_size", "stride", "batch_size", "scales", "flip")
 
 
 def _pair(v, key: str) -> tuple[int, int]:
@@ -97,3 +110,111 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = No
                 lg = F.interpolate(lg, size=target, mode="bilinear", align_corners=False)
             total = lg if total is None else total + lg
     return total / (len(scales) * len(flips))
+
+
+# ----------------------------------------------------------------------------- arrays: photos in, class ids out
+def inference_config(record: ModelRecord, override: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The record's inference settings with the non-null keys of ``override`` on top (a null key keeps the
+    checkpoint's value, so a config can list every key). Mode ``slide`` without ``crop_size`` / ``stride`` takes
+    the training crop and 2/3 of it as stride, the ratio of the paper's settings (512/341, 768/512)."""
+    cfg = dict(record.inference or {})
+    for key, value in dict(override or {}).items():
+        if key not in INFERENCE_KEYS:
+            raise SETRConfigError(f"inference.{key}: unknown key; use {', '.join(INFERENCE_KEYS)}")
+        if value is not None:
+            cfg[key] = value
+    cfg.setdefault("mode", "whole")
+    if cfg["mode"] == "slide":
+        if cfg.get("crop_size") is None:
+            cfg["crop_size"] = list(record.crop_size)
+        if cfg.get("stride") is None:
+            crop = cfg["crop_size"]
+            crop = [crop, crop] if isinstance(crop, int) else list(crop)
+            cfg["stride"] = [max(1, int(c) * 2 // 3) for c in crop]
+    return cfg
+
+
+def build_test_resize(record: ModelRecord) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The checkpoint's test-time resize as a function of a uint8 RGB image, or None when the record has none.
+
+    These are the data config's ``val_pipeline`` steps, the ones validation scored the model with (ADE20K: keep
+    ratio, short side 512, long side <= 2048), so a photo reaches the network at the scale it was trained for
+    rather than at its native resolution. They are instantiated by :func:`setr.data.transforms.build_steps`, as
+    for validation (same targets, same one-line errors), without the normalisation, which is :func:`normalize`'s,
+    the same with or without the resize."""
+    if not record.test_pipeline:
+        return None
+    import albumentations as A
+
+    from setr.data.transforms import build_steps
+
+    resize = A.Compose(build_steps(record.test_pipeline, key="record.test_pipeline"))
+    return lambda image: resize(image=image)["image"]
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 RGB ``(H, W, 3)`` -> float ``(1, 3, H, W)`` of ``(rgb - mean) / std`` (mean / std on the 0..255 scale;
+    :func:`setr.visualize.denormalize` undoes it)."""
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
+    m = torch.as_tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
+    s = torch.as_tensor(list(std), dtype=torch.float32).view(3, 1, 1)
+    return ((x - m) / s)[None]
+
+
+@dataclasses.dataclass
+class Prediction:
+    """What :func:`predict_images` returns.
+
+    Attributes:
+        labels: class ids ``(B, H, W)`` uint8 at the photos' own size.
+        input: the normalised batch the network was given, ``(B, 3, h, w)`` at the test-time size (the notebook
+            maps a photo pixel into it for the attention maps).
+    """
+
+    labels: np.ndarray
+    input: torch.Tensor
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """``(h, w)`` the network ran at (before the ``scales`` of multi-scale testing)."""
+        return int(self.input.shape[-2]), int(self.input.shape[-1])
+
+
+def predict_images(model: torch.nn.Module, images: Sequence[np.ndarray], inference: Mapping[str, Any] | None = None,
+                   *, record: ModelRecord | None = None, resize: bool = True,
+                   device: torch.device | str | None = None) -> Prediction:
+    """Class ids of uint8 RGB ``images`` that share one size, in one :func:`infer` call.
+
+    ``model``: a network from :func:`setr.load_model` (``record`` defaults to its ``model.record``).
+    ``inference``: keys overriding the record's settings (see :func:`inference_config`). ``resize``: apply the
+    record's test-time resize (:func:`build_test_resize`) first; the logits are resized back to the photos' size
+    either way, so the labels always match the photos. ``device``: default the model's."""
+    record = record if record is not None else getattr(model, "record", None)
+    if record is None:
+        raise SETRConfigError("model: no record; load it with setr.load_model or pass record=")
+    if not images:
+        raise ValueError("images: expected at least one image")
+    out_size = tuple(images[0].shape[:2])
+    if any(tuple(im.shape[:2]) != out_size for im in images):
+        raise ValueError(f"images: expected one size per call, got {sorted({im.shape[:2] for im in images})}")
+    resizer = build_test_resize(record) if resize else None
+    if resizer is not None:
+        images = [resizer(im) for im in images]
+        sizes = {im.shape[:2] for im in images}
+        if len(sizes) > 1:
+            raise SETRConfigError(f"record.test_pipeline: resizes images of one size to several ({sorted(sizes)}); "
+                                  "a test-time resize must be deterministic")
+    if device is None:
+        device = next(model.parameters()).device
+    x = torch.cat([normalize(im, record.mean, record.std) for im in images]).to(device)
+    try:
+        logits = infer(model, x, inference_config(record, inference), out_size=out_size)
+    except SETRConfigError as e:  # infer names the keys of train's data.inference node; here they are inference.*
+        raise SETRConfigError(str(e).replace("data.inference.", "inference.", 1)) from e
+    return Prediction(labels=logits.argmax(1).to(torch.uint8).cpu().numpy(), input=x)
+
+
+def predict_image(model: torch.nn.Module, image: np.ndarray, inference: Mapping[str, Any] | None = None,
+                  **kwargs: Any) -> np.ndarray:
+    """Class ids ``(H, W)`` of one uint8 RGB image: :func:`predict_images` of a batch of one."""
+    return predict_images(model, [image], inference, **kwargs).labels[0]

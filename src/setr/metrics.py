@@ -14,7 +14,10 @@ from setr.data.base import IGNORE_INDEX
 
 class SegMetrics(MulticlassConfusionMatrix):
     """``update(preds, target)`` with preds as class ids ``(B, H, W)`` (or logits ``(B, C, H, W)``);
-    ``compute()`` returns a dict of scalar tensors plus ``iou`` and ``acc`` vectors (NaN for absent classes)."""
+    ``compute()`` returns a dict of scalar tensors plus ``iou`` and ``acc`` vectors (NaN for absent classes) and
+    ``confmat``, the pixel counts they come from. Under DDP ``compute()`` sees the matrix summed over processes
+    (torchmetrics syncs around it, then restores each process's shard): ``confmat`` is that all-reduced matrix,
+    and the result stays cached until the next ``update`` or ``reset``."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, **kwargs) -> None:
         super().__init__(num_classes=num_classes, ignore_index=ignore_index, validate_args=False, **kwargs)
@@ -25,7 +28,7 @@ class SegMetrics(MulticlassConfusionMatrix):
         super().update(preds, target)
 
     def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return scores_from_confusion(self.confmat)
+        return {**scores_from_confusion(self.confmat), "confmat": self.confmat.detach().clone()}
 
 
 def scores_from_confusion(confmat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -138,10 +138,10 @@ def wandb_table(scores: Mapping[str, Any], class_names: Sequence[str]):
     return wandb.Table(columns=["class", "IoU", "Acc"], data=[[r["class"], r["IoU"], r["Acc"]] for r in rows])
 
 
-def log_to_wandb(loggers: Sequence[Any], paths: Mapping[str, Path], scores: Mapping[str, Any],
-                 class_names: Sequence[str], prefix: str = "val", step: int | None = None, table: bool = True) -> int:
-    """Log the confusion PNG and (with ``table``) the per-class table to every W&B logger in ``loggers``;
-    returns how many."""
+def log_to_wandb(loggers: Sequence[Any], scores: Mapping[str, Any], class_names: Sequence[str], prefix: str = "val",
+                 step: int | None = None, confusion_png: str | Path | None = None) -> int:
+    """Log the per-class table (and the confusion PNG, when given) to every W&B logger in ``loggers``; returns
+    how many."""
     from lightning.pytorch.loggers import WandbLogger
 
     targets = [lg for lg in loggers if isinstance(lg, WandbLogger)]
@@ -149,9 +149,9 @@ def log_to_wandb(loggers: Sequence[Any], paths: Mapping[str, Path], scores: Mapp
         return 0
     import wandb
 
-    payload: dict[str, Any] = {f"{prefix}/per_class": wandb_table(scores, class_names)} if table else {}
-    if "confusion_png" in paths:
-        payload[f"{prefix}/confusion"] = wandb.Image(str(paths["confusion_png"]))
+    payload: dict[str, Any] = {f"{prefix}/per_class": wandb_table(scores, class_names)}
+    if confusion_png is not None:
+        payload[f"{prefix}/confusion"] = wandb.Image(str(confusion_png))
     if step is not None:
         payload["trainer/global_step"] = step
     for lg in targets:

@@ -1,6 +1,6 @@
 """Lightning wiring: the module, the data module, callbacks. Models and datasets know nothing of this package."""
 
 from setr.training.datamodule import SegDataModule
-from setr.training.module import SETRModule, load_checkpoint_model, load_checkpoint_module
+from setr.training.module import SETRModule
 
-__all__ = ["SETRModule", "SegDataModule", "load_checkpoint_model", "load_checkpoint_module"]
+__all__ = ["SETRModule", "SegDataModule"]

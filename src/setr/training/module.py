@@ -1,14 +1,19 @@
 """The Lightning module: wires the SETR network, its losses, optimizer, schedule and metrics together.
 
-It takes plain hyperparameters (the ``model`` config mapping, ``optimizer`` mapping, dataset facts) and builds the
-network itself, so ``SETRModule.load_from_checkpoint(path)`` needs no extra arguments.
+It takes the checkpoint record (:class:`setr.checkpoint.ModelRecord`: model config, classes, palette,
+normalisation, crop, inference settings) and the ``optimizer`` mapping as plain hyperparameters and builds the
+network itself, so ``SETRModule.load_from_checkpoint(path)`` needs no extra arguments and
+``setr.load_model(path)`` can rebuild the network without Lightning.
+
+Scores: the module keeps one :class:`setr.metrics.SegMetrics` per stage and logs the scalar scores
+(``val/mIoU``, per-class IoU, ...). The metric objects stay filled until the next evaluation starts, so the
+report callback (:class:`setr.training.callbacks.MetricReport`) reads the same all-reduced result afterwards.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -16,85 +21,49 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MaxMetric
 
-from setr.data.base import IGNORE_INDEX
-from setr.errors import SETRConfigError
+from setr.checkpoint import ModelRecord, strip_compile_prefix
 from setr.inference import infer
 from setr.metrics import SegMetrics
 from setr.models import SETR, build_setr
 from setr.training.optim import build_optimizer, build_scheduler
-
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers -> plain python (checkpoints then load without OmegaConf)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
-def strip_compile_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop ``_orig_mod.`` (left by ``torch.compile``) from state-dict keys."""
-    return {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+from setr.utils.config import plain
 
 
 class SETRModule(L.LightningModule):
     """SETR training / evaluation.
 
     Args:
-        model: the ``model`` config node (see :func:`setr.models.build_setr`). ``encoder.pretrained`` is loaded
-            once at the start of fitting, never when a checkpoint is loaded.
+        record: the :class:`~setr.checkpoint.ModelRecord` (or its dict) of what the weights are: model config,
+            class names, palette, mean / std, ignore index, crop, inference settings, test-time resize.
         optimizer: the ``optimizer`` node (``name``, ``lr``, ``head_lr_mult``, ``scheduler``, ...).
-        num_classes, class_names, palette, ignore_index, mean, std, crop_size: dataset facts, kept with the
-            weights so evaluation and prediction need nothing else.
-        inference: the ``data.inference`` node used by validation and test (``mode: whole|slide``, ...).
+        pretrained: a local ImageNet weights file for the encoder, loaded once at the start of fitting (never
+            when a checkpoint is loaded; not part of the record).
         compile: run the network through ``torch.compile`` (checkpoints stay free of ``_orig_mod.``).
         log_per_class: log per-class IoU as ``val/IoU/<class>``.
     """
 
-    def __init__(
-        self,
-        model: Mapping,
-        optimizer: Mapping,
-        num_classes: int,
-        class_names: Sequence[str] | None = None,
-        palette: Sequence[Sequence[int]] | None = None,
-        ignore_index: int = IGNORE_INDEX,
-        mean: Sequence[float] = (123.675, 116.28, 103.53),
-        std: Sequence[float] = (58.395, 57.12, 57.375),
-        crop_size: int | Sequence[int] = 512,
-        inference: Mapping | None = None,
-        compile: bool = False,
-        log_per_class: bool = True,
-    ) -> None:
+    def __init__(self, record: ModelRecord | Mapping, optimizer: Mapping | None = None, pretrained: str | None = None,
+                 compile: bool = False, log_per_class: bool = True) -> None:
         super().__init__()
-        model, optimizer, inference = _plain(model), _plain(optimizer), _plain(inference)
-        class_names, palette = _plain(class_names), _plain(palette)
-        if class_names is None:
-            class_names = [f"class_{i}" for i in range(num_classes)]
-        if len(class_names) != num_classes:
-            raise SETRConfigError(f"data.class_names: {len(class_names)} names for {num_classes} classes")
-        self.save_hyperparameters({
-            "model": model, "optimizer": optimizer, "num_classes": num_classes, "class_names": list(class_names),
-            "palette": [list(c) for c in palette] if palette else None, "ignore_index": ignore_index,
-            "mean": list(mean), "std": list(std), "crop_size": _plain(crop_size), "inference": inference or {},
-            "compile": compile, "log_per_class": log_per_class,
-        })
-        net_cfg = copy.deepcopy(dict(model))
-        net_cfg["num_classes"] = num_classes
-        enc = dict(net_cfg.get("encoder") or {})
-        self._pretrained = enc.pop("pretrained", None)
-        net_cfg["encoder"] = enc
-        self.model: SETR = build_setr(net_cfg)
+        if not isinstance(record, ModelRecord):
+            record = ModelRecord.from_dict(plain(record))
+        optimizer = plain(optimizer) or {"name": "sgd", "lr": 0.01}
+        self.save_hyperparameters({"record": record.to_dict(), "optimizer": optimizer,
+                                   "pretrained": str(pretrained) if pretrained else None,
+                                   "compile": bool(compile), "log_per_class": log_per_class})
+        self.record = record
+        self._pretrained = pretrained
+        self.model: SETR = build_setr(copy.deepcopy(record.model))
         # a plain attribute, not a registered submodule: checkpoints never carry torch.compile's `_orig_mod.`
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
-        self.val_metrics = SegMetrics(num_classes, ignore_index)
-        self.test_metrics = SegMetrics(num_classes, ignore_index)
+        self.val_metrics = SegMetrics(record.num_classes, record.ignore_index)
+        self.test_metrics = SegMetrics(record.num_classes, record.ignore_index)
         self.val_miou_best = MaxMetric()
-        self.last_scores: dict[str, dict[str, Any]] = {}
+
+    def metrics_for(self, split: str) -> SegMetrics:
+        """The metric object of ``split`` (``val`` or ``test``): filled from the end of that evaluation until
+        the next one starts."""
+        return {"val": self.val_metrics, "test": self.test_metrics}[split]
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
@@ -106,8 +75,9 @@ class SETRModule(L.LightningModule):
         return self._forward(images)
 
     # ------------------------------------------------------------------------------------------- train
-    def compute_loss(self, outputs: dict[str, Any], target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ignore = self.hparams.ignore_index
+    def compute_loss(self, outputs: dict[str, Any],
+                     target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ignore = self.record.ignore_index
         main = F.cross_entropy(outputs["out"], target, ignore_index=ignore)
         parts = {"loss_main": main}
         total = main
@@ -127,10 +97,26 @@ class SETRModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """End every run with a validation of its final weights: on the last step of the budget (or the last
+        batch of the last epoch) ask Lightning to stop, which validates now even when this step is not a
+        validation step (and once only when it is). The final metrics, checkpoints and report then describe
+        the weights the run ends with."""
+        trainer = self.trainer
+        if not trainer.enable_validation:
+            return
+        last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        last_epoch = (trainer.max_epochs is not None and trainer.max_epochs > 0
+                      and trainer.current_epoch + 1 >= trainer.max_epochs
+                      and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+        if last_step or last_epoch:
+            trainer.should_stop = True
+
     # -------------------------------------------------------------------------------------- evaluation
-    def predict_logits(self, images: torch.Tensor | list[torch.Tensor], out_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Logits per image through the configured inference mode, each resized to its label size."""
-        inf = self.hparams.inference
+    def predict_logits(self, images: torch.Tensor | list[torch.Tensor],
+                       out_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Logits per image through the record's inference settings, each resized to its label size."""
+        inf = self.record.inference
         if isinstance(images, torch.Tensor) and len({tuple(s) for s in out_sizes}) == 1:
             logits = infer(self._forward, images, inf, out_size=out_sizes[0])
             return list(logits)
@@ -140,8 +126,9 @@ class SETRModule(L.LightningModule):
         masks = batch["mask"]
         masks = list(masks) if isinstance(masks, torch.Tensor) else masks
         logits = self.predict_logits(batch["image"], [tuple(m.shape[-2:]) for m in masks])
+        ignore = self.record.ignore_index
         loss = torch.stack([
-            F.cross_entropy(lg[None].float(), m[None], ignore_index=self.hparams.ignore_index) for lg, m in zip(logits, masks)
+            F.cross_entropy(lg[None].float(), m[None], ignore_index=ignore) for lg, m in zip(logits, masks)
         ]).nanmean()
         preds = [lg.argmax(0) for lg in logits]
         for p, m in zip(preds, masks):
@@ -155,24 +142,26 @@ class SETRModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> list[torch.Tensor]:
         return self._eval_step(batch, self.test_metrics, "test")
 
-    def _log_scores(self, metrics: SegMetrics, prefix: str) -> dict[str, Any]:
-        scores = metrics.compute()  # all-reduced across processes by torchmetrics
-        confmat = metrics.confmat.detach().cpu().clone()
-        metrics.reset()
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+
+    def _log_scores(self, metrics: SegMetrics, prefix: str) -> dict[str, torch.Tensor]:
+        scores = metrics.compute()  # all-reduced across processes by torchmetrics (and cached until reset)
         for key in ("mIoU", "mAcc", "aAcc"):
             self.log(f"{prefix}/{key}", scores[key].float(), prog_bar=key == "mIoU", sync_dist=False)
         if self.hparams.log_per_class:
-            for name, v in zip(self.hparams.class_names, scores["iou"]):
+            for name, v in zip(self.record.class_names, scores["iou"]):
                 if torch.isfinite(v):
                     self.log(f"{prefix}/IoU/{name}", v.float(), sync_dist=False)
-        result = {"scores": {k: v.cpu() for k, v in scores.items()}, "confmat": confmat}
-        self.last_scores[prefix] = result
-        return result
+        return scores
 
     def on_validation_epoch_end(self) -> None:
-        res = self._log_scores(self.val_metrics, "val")
+        scores = self._log_scores(self.val_metrics, "val")
         if not self.trainer.sanity_checking:
-            self.val_miou_best(res["scores"]["mIoU"].float().to(self.device))
+            self.val_miou_best(scores["mIoU"].float().to(self.device))
             self.log("val/mIoU_best", self.val_miou_best.compute(), sync_dist=False)
 
     def on_test_epoch_end(self) -> None:
@@ -196,40 +185,3 @@ class SETRModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
-
-
-def load_checkpoint_module(path: str | Path, map_location: str | torch.device = "cpu",
-                           **overrides: Any) -> tuple[SETRModule, dict[str, Any]]:
-    """Load a checkpoint written by src/train.py: ``(SETRModule, checkpoint dict)``, with ``overrides`` of its
-    hyperparameters (e.g. ``inference=...``; ``compile`` is always off). A missing or foreign file gives one
-    :class:`SETRConfigError` line naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise SETRConfigError(f"ckpt_path: checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise SETRConfigError(f"ckpt_path: cannot read checkpoint {path} ({type(e).__name__}: {reason})") from e
-    if not isinstance(ckpt, dict) or "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
-        raise SETRConfigError(f"ckpt_path: {path} is not a checkpoint written by src/train.py (no hyper_parameters)")
-    hp = {**ckpt["hyper_parameters"], **overrides, "compile": False}
-    module = SETRModule(**hp)
-    module.load_state_dict(strip_compile_prefix(ckpt["state_dict"]))
-    return module.to(map_location), ckpt
-
-
-def load_checkpoint_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[SETR, dict[str, Any]]:
-    """Load a training checkpoint for inference: ``(SETR in eval mode, meta)``.
-
-    ``meta`` holds ``num_classes, class_names, palette, mean, std, ignore_index, inference, crop_size`` (and
-    ``config``, the resolved run config, when the checkpoint has it). A missing or foreign file gives one
-    :class:`SETRConfigError` line naming it.
-    """
-    module, ckpt = load_checkpoint_module(path, map_location)
-    hp = module.hparams
-    meta = {k: hp[k] for k in ("num_classes", "class_names", "palette", "mean", "std", "ignore_index",
-                               "inference", "crop_size")}
-    if "config" in ckpt:
-        meta["config"] = ckpt["config"]
-    return module.model.eval(), meta

@@ -7,8 +7,11 @@ For each input ``<stem>.<ext>`` it writes into the output folder:
 * ``<stem>_side.png`` (``side_by_side=true``): the image and the coloured prediction side by side.
 
 Inputs of two files with the same stem get ``<stem>_<ext>`` (then ``-2``, ``-3``...) instead, so none is
-overwritten. The model runs at each image's own size; ``batch_size`` images of the same size go through one
-forward. :func:`colorize`, :func:`overlay` and :func:`predict_image` work on plain arrays, for notebooks.
+overwritten. Each photo first gets the checkpoint's test-time resize (``record.test_pipeline``, e.g. ADE20K's
+short side 512: the scale the model was trained and validated at; ``resize=false`` keeps the native size), and
+the logits are resized back, so every output has the photo's size. ``batch_size`` images of one size go through
+one forward. The array-level steps (resize, normalise, infer, argmax) are :func:`setr.inference.predict_images`,
+which the notebooks call too; this module adds files, batching, failures and the outputs.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from setr.data.base import default_palette, read_image
+from setr.data.base import read_image
 from setr.errors import DataError, SETRConfigError
+from setr.inference import INFERENCE_KEYS, inference_config, predict_images
+from setr.utils.launch import task_wrapper
+from setr.utils.output import print_last_line
+from setr.visualize import colorize, overlay, side_by_side_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-INFERENCE_KEYS = ("mode", "crop_size", "stride", "batch_size", "scales", "flip")
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -82,71 +88,6 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
     return stems
 
 
-# ---------------------------------------------------------------------------------------- drawing
-def _palette_rgb(palette: Sequence[Sequence[int]]) -> np.ndarray:
-    pal = np.asarray(palette, dtype=np.int64).reshape(-1, 3)
-    if len(pal) > 256:
-        raise ValueError(f"a PNG palette holds at most 256 colours, got {len(pal)}")
-    return pal.clip(0, 255).astype(np.uint8)
-
-
-def _label_array(label: Any) -> np.ndarray:
-    lab = np.asarray(label.cpu() if isinstance(label, torch.Tensor) else label)
-    if lab.ndim != 2:
-        raise ValueError(f"label: expected a (H, W) array of class ids, got shape {lab.shape}")
-    if lab.size and (lab.min() < 0 or lab.max() > 255):
-        raise ValueError(f"label: class ids must be in 0..255 for a palette PNG, got {lab.min()}..{lab.max()}")
-    return lab.astype(np.uint8)
-
-
-def colorize(label: Any, palette: Sequence[Sequence[int]]) -> Image.Image:
-    """Class ids ``(H, W)`` (0..255) -> a mode "P" image: pixel values are the ids, colours come from
-    ``palette`` (a list of ``[r, g, b]``; ids past its end are black). ``.convert("RGB")`` gives the colours;
-    ``.save("x.png")`` writes a label PNG."""
-    pal = _palette_rgb(palette)
-    im = Image.fromarray(_label_array(label))  # mode "L"; putpalette turns it into "P" and keeps the values
-    flat = np.zeros((256, 3), np.uint8)
-    flat[: len(pal)] = pal
-    im.putpalette(flat.reshape(-1).tolist())
-    return im
-
-
-def _rgb_array(image: Any) -> np.ndarray:
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    img = np.asarray(image)
-    if img.ndim == 2:
-        img = np.stack([img] * 3, axis=-1)
-    if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
-        raise ValueError(f"image: expected uint8 (H, W, 3) RGB, got {img.dtype} {img.shape}")
-    return img
-
-
-def overlay(image: Any, label: Any, palette: Sequence[Sequence[int]], alpha: float = 0.5) -> Image.Image:
-    """``(1 - alpha) * image + alpha * colour`` per pixel as an RGB image; pixels whose id has no palette entry
-    (e.g. the ignore value 255 of a ground-truth mask) keep the image. ``image``: uint8 ``(H, W, 3)`` / ``(H, W)``
-    array or a PIL image of the label's size."""
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise SETRConfigError(f"alpha: must be in [0, 1], got {alpha!r}")
-    img = _rgb_array(image)
-    lab = _label_array(label)
-    if img.shape[:2] != lab.shape:
-        raise ValueError(f"overlay: image size {img.shape[1]}x{img.shape[0]} != label size {lab.shape[1]}x{lab.shape[0]}")
-    pal = _palette_rgb(palette)
-    lut = np.zeros((256, 3), np.float32)
-    lut[: len(pal)] = pal
-    blend = (1.0 - alpha) * img.astype(np.float32) + alpha * lut[lab]
-    out = np.where((lab < len(pal))[..., None], np.rint(blend).clip(0, 255), img).astype(np.uint8)
-    return Image.fromarray(out)
-
-
-def side_by_side_image(image: Any, label: Any, palette: Sequence[Sequence[int]]) -> Image.Image:
-    """The image and :func:`colorize` of ``label`` next to each other: an RGB image twice as wide."""
-    img = _rgb_array(image)
-    colour = np.asarray(colorize(label, palette).convert("RGB"))
-    return Image.fromarray(np.concatenate([img, colour], axis=1))
-
-
 # ---------------------------------------------------------------------------------------- predicting
 def resolve_device(name: str | None = "auto") -> torch.device:
     """``auto`` -> ``cuda`` when a GPU is available, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` as given."""
@@ -167,54 +108,6 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return dev
 
 
-def inference_config(meta: Mapping[str, Any], override: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint's ``meta["inference"]`` with the non-null keys of ``override`` on top. Mode ``slide``
-    without ``crop_size`` / ``stride`` takes the checkpoint's ``crop_size`` and 2/3 of it as stride."""
-    cfg = dict(meta.get("inference") or {})
-    for key, value in dict(override or {}).items():
-        if key not in INFERENCE_KEYS:
-            raise SETRConfigError(f"inference.{key}: unknown key; use {', '.join(INFERENCE_KEYS)}")
-        if value is not None:
-            cfg[key] = value
-    cfg.setdefault("mode", "whole")
-    if cfg["mode"] == "slide":
-        if cfg.get("crop_size") is None:
-            cfg["crop_size"] = meta.get("crop_size")
-        if cfg.get("stride") is None and cfg.get("crop_size") is not None:
-            crop = cfg["crop_size"]
-            crop = [crop, crop] if isinstance(crop, int) else list(crop)
-            cfg["stride"] = [max(1, int(c) * 2 // 3) for c in crop]
-    return cfg
-
-
-def to_tensor(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 RGB ``(H, W, 3)`` -> float ``(1, 3, H, W)`` of ``(rgb - mean) / std`` (mean / std on the 0..255 scale)."""
-    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)
-    m = torch.as_tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
-    s = torch.as_tensor(list(std), dtype=torch.float32).view(3, 1, 1)
-    return ((x - m) / s)[None]
-
-
-def predict_batch(model: torch.nn.Module, images: Sequence[np.ndarray], meta: Mapping[str, Any],
-                  inference: Mapping[str, Any], device: torch.device | str = "cpu") -> np.ndarray:
-    """Class ids ``(B, H, W)`` uint8 of uint8 RGB ``images`` that share one size: one
-    :func:`setr.inference.infer` call with the ``inference`` settings, argmax over classes."""
-    from setr.inference import infer
-
-    x = torch.cat([to_tensor(im, meta["mean"], meta["std"]) for im in images]).to(device)
-    try:
-        logits = infer(model, x, inference, out_size=x.shape[-2:])
-    except SETRConfigError as e:  # infer names the keys of train's data.inference node; here they are inference.*
-        raise SETRConfigError(str(e).replace("data.inference.", "inference.", 1)) from e
-    return logits.argmax(1).to(torch.uint8).cpu().numpy()
-
-
-def predict_image(model: torch.nn.Module, image: np.ndarray, meta: Mapping[str, Any],
-                  inference: Mapping[str, Any] | None = None, device: torch.device | str = "cpu") -> np.ndarray:
-    """Class ids ``(H, W)`` of one uint8 RGB image; ``inference`` overrides keys of the checkpoint's settings."""
-    return predict_batch(model, [image], meta, inference_config(meta, inference), device)[0]
-
-
 def plan_batches(paths: Sequence[Path], batch_size: int) -> list[list[int]]:
     """Indices of ``paths`` in batches of at most ``batch_size`` images of one size (read from the file
     headers), in order of first appearance; a file whose header cannot be read gets a batch of its own."""
@@ -223,7 +116,7 @@ def plan_batches(paths: Sequence[Path], batch_size: int) -> list[list[int]]:
         try:
             with Image.open(p) as im:
                 key: Any = im.size
-        except Exception:  # noqa: BLE001 - reported when the file is read
+        except Exception:  # reported when the file is read
             key = ("unreadable", i)
         groups.setdefault(key, []).append(i)
     size = max(1, int(batch_size))
@@ -235,32 +128,42 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def predict_files(model: torch.nn.Module, meta: Mapping[str, Any], paths: Sequence[str | Path],
-                  output_dir: str | Path, *, batch_size: int = 4, inference: Mapping[str, Any] | None = None,
+def size_text(size: Sequence[int]) -> str:
+    """``(h, w)`` -> ``"WxH"``, the order image viewers print."""
+    return f"{int(size[1])}x{int(size[0])}"
+
+
+def predict_files(model: torch.nn.Module, paths: Sequence[str | Path], output_dir: str | Path, *,
+                  batch_size: int = 4, inference: Mapping[str, Any] | None = None, resize: bool = True,
                   alpha: float = 0.5, side_by_side: bool = False, device: torch.device | str = "cpu",
                   progress: bool | None = None, on_failure: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Predict each file of ``paths`` and write its label / overlay (/ side) PNGs into ``output_dir``.
+    """Predict each file of ``paths`` with ``model`` (from :func:`setr.load_model`: its ``record`` gives the
+    palette, normalisation, inference settings and test-time resize) and write its label / overlay (/ side) PNGs
+    into ``output_dir``.
 
     A file that cannot be read (or runs out of GPU memory on its own) is reported through ``on_failure``
     (default: one ``skipped: <file>: <reason>`` line on stderr) and skipped. ``progress``: show a rich progress
     bar (None: when stdout is a terminal). Returns ``{"processed", "failed", "failures": ["<file>: <reason>"],
-    "outputs": {input path: label PNG path}}``.
+    "outputs": {input path: label PNG path}, "model_sizes": {photo "WxH": network input "WxH"}}``.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not 0.0 <= float(alpha) <= 1.0:
         raise SETRConfigError(f"alpha: must be in [0, 1], got {alpha!r}")
+    record = getattr(model, "record", None)
+    if record is None:
+        raise SETRConfigError("model: no record; load it with setr.load_model")
+    if record.num_classes > 256:
+        raise SETRConfigError(f"ckpt_path: {record.num_classes} classes do not fit a palette PNG (at most 256)")
     paths = [Path(p) for p in paths]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    num_classes = int(meta["num_classes"])
-    if num_classes > 256:
-        raise SETRConfigError(f"ckpt_path: {num_classes} classes do not fit a palette PNG (at most 256)")
-    palette = meta.get("palette") or default_palette(num_classes)
-    inf = inference_config(meta, inference)
+    palette = record.palette
+    inf = inference_config(record, inference)
     stems = output_stems(paths)
     failures: list[str] = []
     outputs: dict[str, str] = {}
+    model_sizes: dict[str, str] = {}
     report = on_failure or (lambda msg: print(f"skipped: {msg}", file=sys.stderr, flush=True))
     model = model.eval()
 
@@ -279,11 +182,12 @@ def predict_files(model: torch.nn.Module, meta: Mapping[str, Any], paths: Sequen
 
     def run_group(idx: list[int], images: list[np.ndarray]) -> None:
         try:
-            labels = predict_batch(model, images, meta, inf, device)
+            pred = predict_images(model, images, inf, resize=resize, device=device)
         except torch.OutOfMemoryError:
-            labels = None  # retried below, outside the handler: its traceback holds the batch's tensors
-        if labels is not None:
-            for i, im, lab in zip(idx, images, labels):
+            pred = None  # retried below, outside the handler: its traceback holds the batch's tensors
+        if pred is not None:
+            model_sizes[size_text(images[0].shape[:2])] = size_text(pred.input_size)
+            for i, im, lab in zip(idx, images, pred.labels):
                 write(i, im, lab)
             return
         torch.cuda.empty_cache()
@@ -291,8 +195,8 @@ def predict_files(model: torch.nn.Module, meta: Mapping[str, Any], paths: Sequen
             for i, im in zip(idx, images):
                 run_group([i], [im])
             return
-        h, w = images[0].shape[:2]
-        fail(f"{paths[idx[0]]}: out of GPU memory at {w}x{h}; try inference.mode=slide or device=cpu")
+        fail(f"{paths[idx[0]]}: out of GPU memory at {size_text(images[0].shape[:2])}; "
+             "try inference.mode=slide or device=cpu")
 
     show = sys.stdout.isatty() if progress is None else bool(progress)
     columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -306,7 +210,7 @@ def predict_files(model: torch.nn.Module, meta: Mapping[str, Any], paths: Sequen
                     loaded.append((i, read_image(paths[i])))
                 except DataError as e:
                     fail(_first_line(e))
-                except Exception as e:  # noqa: BLE001 - e.g. PIL's DecompressionBombError: skip the file too
+                except Exception as e:  # e.g. PIL's DecompressionBombError: skip the file too
                     fail(f"{paths[i]}: {type(e).__name__}: {_first_line(e)}")
             by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
             for i, im in loaded:  # headers and pixels agree but for odd files: regroup on the decoded size
@@ -314,7 +218,8 @@ def predict_files(model: torch.nn.Module, meta: Mapping[str, Any], paths: Sequen
             for group in by_size.values():
                 run_group([i for i, _ in group], [im for _, im in group])
             bar.advance(task, len(batch))
-    return {"processed": len(outputs), "failed": len(failures), "failures": failures, "outputs": outputs}
+    return {"processed": len(outputs), "failed": len(failures), "failures": failures, "outputs": outputs,
+            "model_sizes": model_sizes}
 
 
 # --------------------------------------------------------------------------------------- entry point
@@ -324,12 +229,27 @@ def _positive_int(value: Any, key: str) -> int:
     return value
 
 
-def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """What ``src/predict.py`` does with its config: check it, collect the inputs, load the checkpoint, predict,
-    print a summary. Returns the final JSON line's dict: ``processed, failed, failures, output_dir, device``."""
+def describe_resize(steps: Sequence[Mapping[str, Any]], resize: bool) -> str:
+    """The test-time resize in a few words for the header line: ``RandomRescale(img_scale=[2048, 512], ...)``."""
+    if not resize:
+        return "off (resize=false: native size)"
+    if not steps:
+        return "none in the checkpoint (native size)"
+    parts = []
+    for step in steps:
+        args = ", ".join(f"{k}={v}" for k, v in step.items() if k != "_target_")
+        parts.append(f"{str(step['_target_']).rsplit('.', 1)[-1]}({args})")
+    return " + ".join(parts)
+
+
+def predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``src/predict.py`` does with its config: check it, collect the inputs, load the checkpoint, predict.
+    Returns the final JSON line's dict: ``processed, failed, failures, output_dir, device, resize, model_sizes``
+    (``model_sizes``: for each photo size "WxH", the size the network ran at)."""
     from omegaconf import DictConfig, OmegaConf
 
-    from setr.utils.run import extras
+    from setr.checkpoint import load_model
+    from setr.utils.config import extras
 
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
@@ -342,6 +262,9 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     alpha = cfg.get("alpha", 0.5)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise SETRConfigError(f"alpha: must be a number in [0, 1], got {alpha!r}")
+    resize = cfg.get("resize", True)
+    if not isinstance(resize, bool):
+        raise SETRConfigError(f"resize: must be true or false, got {resize!r}")
     override = cfg.get("inference")
     override = OmegaConf.to_container(override, resolve=True) if isinstance(override, DictConfig) else override
     if override is not None and not isinstance(override, Mapping):
@@ -349,7 +272,7 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     paths = collect_inputs(cfg.input)
     device = resolve_device(cfg.get("device", "auto"))
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
-    if not ckpt.is_file():  # before importing Lightning: a typo fails fast
+    if not ckpt.is_file():  # before output_dir is created: a typo leaves no empty folder behind
         raise SETRConfigError(f"ckpt_path: checkpoint {ckpt} not found")
     out_dir = Path(str(cfg.get("output_dir") or "predictions")).expanduser()
     try:
@@ -357,19 +280,35 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     except OSError as e:
         raise SETRConfigError(f"output_dir: cannot create {out_dir} ({_first_line(e)})") from e
 
-    from setr.training.module import load_checkpoint_model
-
-    model, meta = load_checkpoint_model(ckpt, map_location=device)  # one SETRConfigError line if unusable
-    print(f"{len(paths)} image(s) -> {out_dir} | {meta['num_classes']} classes | device {device} | "
-          f"inference {inference_config(meta, override)}", flush=True)
+    model = load_model(ckpt, map_location=device)  # one SETRConfigError line if unusable
+    record = model.record
+    print(f"{len(paths)} image(s) -> {out_dir} | {record.num_classes} classes | device {device} | "
+          f"inference {inference_config(record, override)} | "
+          f"test resize {describe_resize(record.test_pipeline, resize)}", flush=True)
     start = time.perf_counter()
-    result = predict_files(model, meta, paths, out_dir, batch_size=batch_size, inference=override, alpha=float(alpha),
-                           side_by_side=bool(cfg.get("side_by_side", False)), device=device)
+    result = predict_files(model, paths, out_dir, batch_size=batch_size, inference=override, resize=resize,
+                           alpha=float(alpha), side_by_side=bool(cfg.get("side_by_side", False)), device=device)
     took = time.perf_counter() - start
-    print(f"predicted {result['processed']} of {len(paths)} image(s) in {took:.1f} s -> {out_dir}", flush=True)
+    sizes = ", ".join(f"{k} -> {v}" for k, v in list(result["model_sizes"].items())[:6])
+    more = len(result["model_sizes"]) - 6
+    sizes += f", ... ({more} more sizes)" if more > 0 else ""
+    print(f"predicted {result['processed']} of {len(paths)} image(s) in {took:.1f} s -> {out_dir}; "
+          f"model ran at (photo -> network input): {sizes or '-'}", flush=True)
     if result["failures"]:
         print(f"failed ({result['failed']}):", flush=True)
         for line in result["failures"]:
             print(f"  {line}", flush=True)
     return {"processed": result["processed"], "failed": result["failed"], "failures": result["failures"],
-            "output_dir": str(out_dir.resolve()), "device": str(device)}
+            "output_dir": str(out_dir.resolve()), "device": str(device), "resize": resize,
+            "model_sizes": result["model_sizes"]}
+
+
+@task_wrapper
+def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The job of ``src/predict.py``: :func:`predict`, then the final JSON line. Exit code 1 when some images
+    failed: the others were written, but a script must not take a partial run for a complete one."""
+    result = predict(cfg)
+    print_last_line(result)
+    if result["failed"]:
+        raise SystemExit(1)
+    return result

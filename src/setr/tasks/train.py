@@ -1,0 +1,127 @@
+"""``src/train.py``: build the data module, the Lightning module, loggers, callbacks and trainer from the composed
+config, fit (resuming where asked), optionally test the best checkpoint, write ``metrics.json``.
+
+The run always ends with the validation scores of its final weights (:class:`SETRModule` validates at the last
+step even when it is not a validation step), and :class:`setr.training.callbacks.MetricReport` writes the
+per-class report of that validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import string
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from setr.checkpoint import ModelRecord
+from setr.training import SegDataModule, SETRModule
+from setr.utils.config import check_config, cpu_only, extras, instantiate_group, instantiate_trainer, plain
+from setr.utils.distributed import is_rank_zero, patch_lightning_hydra_ddp
+from setr.utils.launch import task_wrapper
+from setr.utils.output import collect_metrics, print_last_line, write_metrics
+from setr.utils.resume import resolve_ckpt_path
+
+log = logging.getLogger("setr")
+
+
+def setup_wandb(cfg: DictConfig) -> None:
+    """W&B without an account: offline unless WANDB_MODE says otherwise; re-attach the run id on resume."""
+    if not cfg.get("logger") or "wandb" not in cfg.logger:
+        return
+    node = cfg.logger.wandb
+    out = Path(cfg.paths.output_dir)
+    id_file = out / "wandb_run_id.txt"
+    with open_dict(node):
+        if os.environ.get("WANDB_MODE", "").lower() == "online":
+            node.offline = False
+        if node.get("offline", True):
+            os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_CONSOLE", "off")
+        if id_file.is_file():
+            node.id = id_file.read_text().strip()
+            node.resume = "allow"
+        elif not node.get("id"):  # W&B's own id format: 8 base-36 characters (wandb.util.generate_id is gone)
+            node.id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        if is_rank_zero():
+            out.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(str(node.id) + "\n")
+
+
+def build_callbacks(cfg: DictConfig, loggers: list[Any]) -> list[L.Callback]:
+    """The ``callbacks`` group; those that need a logger (``LearningRateMonitor``) are left out, with a line
+    saying so, when the run has none (``logger=null``, ``debug=fdr``)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    if not loggers:
+        dropped = [cb for cb in callbacks if isinstance(cb, LearningRateMonitor)]
+        for cb in dropped:
+            log.info("callbacks: %s needs a logger and this run has none; left out", type(cb).__name__)
+        callbacks = [cb for cb in callbacks if cb not in dropped]
+    return callbacks
+
+
+def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
+    check_config(cfg)
+    extras(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = SegDataModule(plain(cfg.data), seed=cfg.seed)
+    record = ModelRecord.from_config(cfg, class_names=datamodule.class_names, palette=datamodule.palette)
+    module = SETRModule(
+        record=record,
+        optimizer=plain(cfg.get("optimizer") or {"name": "sgd", "lr": 0.01}),
+        pretrained=(cfg.model.get("encoder") or {}).get("pretrained"),
+        compile=bool(cfg.get("compile", False)),
+    )
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    setup_wandb(cfg)
+    loggers = instantiate_group(cfg.get("logger"), "logger")
+    callbacks = build_callbacks(cfg, loggers)
+    trainer_cfg = plain(cfg.trainer)
+    if trainer_cfg.get("sync_batchnorm") and cpu_only(trainer_cfg):
+        log.info("trainer.sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only; keeping BatchNorm on CPU")
+        trainer_cfg["sync_batchnorm"] = False
+    # always: `strategy` is a DDPStrategy node (no lowercase "ddp" in it) or "auto" with devices > 1 (DDP too)
+    patch_lightning_hydra_ddp()
+    trainer: L.Trainer = instantiate_trainer(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    return datamodule, module, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and test with ``test=true``); returns the final metrics (``val/*`` of the final weights included)."""
+    datamodule, module, trainer = build(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)
+    for lg in trainer.loggers:  # the full resolved config, not only the module's hyperparameters
+        lg.log_hyperparams(module.run_config)
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = collect_metrics(trainer.callback_metrics)
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update(collect_metrics(trainer.callback_metrics, prefixes=("test/",)))
+    metrics["global_step"] = float(trainer.global_step)
+    if trainer.is_global_zero:
+        write_metrics(metrics, cfg.paths.output_dir)
+        cb = trainer.checkpoint_callback
+        if cb is not None and cb.best_model_path:
+            log.info("best checkpoint: %s (%s %.4f)", cb.best_model_path, cb.monitor,
+                     float(cb.best_model_score) if cb.best_model_score is not None else float("nan"))
+    return metrics
+
+
+@task_wrapper
+def run(cfg: DictConfig) -> float | None:
+    """The job of ``src/train.py``: train, print the final JSON line (rank 0), return the metric a sweep
+    optimises (``metric``, default ``val/mIoU``)."""
+    metrics = train(cfg)
+    if is_rank_zero():
+        print_last_line(metrics)
+    value = metrics.get(cfg.get("metric", "val/mIoU"))
+    return float(value) if value is not None else None

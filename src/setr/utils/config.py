@@ -1,0 +1,112 @@
+"""Config checks and the objects built from config groups (callbacks, loggers), before anything heavy runs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from setr.errors import SETRConfigError
+from setr.utils.distributed import is_rank_zero
+
+log = logging.getLogger("setr")
+
+# Lightning and library warnings that say nothing actionable for this project's runs (extras.ignore_warnings)
+QUIET_WARNINGS = (
+    ".*does not have many workers.*",
+    ".*The number of training batches.*",
+    ".*find_unused_parameters.*",
+    ".*torch.cuda.amp.*",
+    ".*`isinstance\\(treespec, LeafSpec\\)`.*",
+    ".*Experiment logs directory .* exists and is not empty.*",
+    ".*Checkpoint directory .* exists and is not empty.*",
+    ".*sync_dist=True.*when logging on epoch level in distributed.*",  # val scores: torchmetrics syncs them
+)
+
+
+def plain(node: Any) -> Any:
+    """A resolved plain-Python copy of an OmegaConf node (what a checkpoint may hold); other values unchanged."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Catch the common config mistakes before anything heavy happens; each raises one clear line."""
+    for key in ("data", "model"):
+        if key not in cfg or cfg[key] is None:
+            raise SETRConfigError(f"{key}: missing config group; pick one with {key}=<name>")
+    if "optimizer" in cfg:
+        lr = cfg.optimizer.get("lr")
+        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise SETRConfigError(f"optimizer.lr: must be a positive number, got {lr!r}")
+    try:
+        OmegaConf.to_container(cfg.data, resolve=True)
+        OmegaConf.to_container(cfg.model, resolve=True)
+    except Exception as e:
+        raise SETRConfigError(f"config: {str(e).splitlines()[0]}") from e
+
+
+def extras(cfg: DictConfig) -> None:
+    """``extras``: quiet Lightning's duplicate console handler, filter known warnings, print the config tree."""
+    ex = cfg.get("extras") or {}
+    # Lightning prints through its own console handler; Hydra's root handlers already show (and file) it
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)
+    if ex.get("ignore_warnings"):
+        for pattern in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+    if ex.get("print_config") and is_rank_zero():
+        print_config(cfg)
+
+
+def print_config(cfg: DictConfig) -> None:
+    from rich import print as rprint
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    order = ["data", "model", "optimizer", "trainer", "callbacks", "logger", "paths"]
+    for key in order + [k for k in cfg if k not in order]:
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=False) if isinstance(value, DictConfig) else str(value)
+        tree.add(f"[bold]{key}[/bold]").add(text.rstrip())
+    rprint(tree)
+
+
+def instantiate_group(cfg: Mapping | None, group: str) -> list[Any]:
+    """Instantiate each ``_target_`` node of a group (callbacks, logger), naming the entry on failure."""
+    from hydra.utils import instantiate
+
+    objs = []
+    for name, node in (cfg or {}).items():
+        if isinstance(node, Mapping) and "_target_" in node:
+            try:
+                objs.append(instantiate(node))
+            except Exception as e:
+                cause = e.__cause__ or e
+                raise SETRConfigError(f"{group}.{name}: {str(cause).splitlines()[0]}") from e
+    return objs
+
+
+def cpu_only(trainer_cfg: Mapping) -> bool:
+    acc = str(trainer_cfg.get("accelerator", "auto"))
+    return acc == "cpu" or (acc == "auto" and not torch.cuda.is_available())
+
+
+def instantiate_trainer(trainer_cfg: Mapping, **kwargs: Any) -> Any:
+    """``lightning.Trainer`` from the ``trainer`` node; Lightning's own argument errors become one line."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(dict(trainer_cfg), **kwargs, _convert_="all")
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise SETRConfigError(f"trainer: {str(cause).splitlines()[0]}") from e
