@@ -85,6 +85,8 @@ class ViTEncoder(nn.Module):
             increasing, as mmsegmentation's ``VisionTransformer(out_indices=...)``: SETR-Naive/PUP (9, 14, 19, 23)
             (auxiliary heads' blocks first, the decode head's last), SETR-MLA (5, 11, 17, 23) (the neck levels).
             Default: the last block, as mmseg's ``-1``.
+        patch_bias: a bias in the patch-embedding convolution (timm and the official SETR: yes; mmsegmentation's
+            ViT: no).
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class ViTEncoder(nn.Module):
         pretrained: str | None = None,
         grad_checkpointing: bool = False,
         out_indices: int | Sequence[int] = (-1,),
+        patch_bias: bool = True,
     ) -> None:
         super().__init__()
         if name not in ENCODERS:
@@ -128,6 +131,8 @@ class ViTEncoder(nn.Module):
         self.vit.norm = nn.Identity()
         self.vit.fc_norm = nn.Identity()
         self.vit.head_drop = nn.Identity()
+        if not patch_bias:
+            self.vit.patch_embed.proj.bias = None
         self.name = name
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.embed_dim = self.vit.embed_dim
