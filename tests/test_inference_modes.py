@@ -93,3 +93,68 @@ def test_a_scale_that_changes_the_logits_is_really_averaged():
 def test_bad_inference_config(cfg, key):
     with pytest.raises(SETRConfigError, match=f"data.inference.{key}"):
         infer(_model(), torch.randn(1, 3, 16, 16), cfg)
+
+
+class _Spy(torch.nn.Module):
+    """Records the size of every input; logits: channel 0 = input width / 100 everywhere, channel 1 = 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(x.shape[-2:]))
+        b, _, h, w = x.shape
+        return torch.cat([torch.full((b, 1, h, w), w / 100.0), torch.zeros(b, 1, h, w)], 1)
+
+
+def test_official_multi_scale_sizes_are_mmseg_keep_ratio_with_setr_min_short():
+    """The official SETR MS test (MultiScaleFlipAug + Resize(keep_ratio, setr_multi_scale)) on a 100x150 image with
+    img_scale (64, 32), crop 40, ratios 0.5 / 1.0 / 1.5, by hand:
+      r=0.5 -> scale (32, 16): short 16 < 40 -> short side 40: factor 0.4 -> 40 x 60
+      r=1.0 -> scale (64, 32): short 32 < 40 -> 40 x 60 again
+      r=1.5 -> scale (96, 48): short 48 -> factor 0.48 -> 48 x 72 (the long side is not capped at 96)
+    Without min_short (mmseg's plain keep-ratio Resize): factor min(long'/150, short'/100):
+      r=0.5 -> min(32/150, 16/100) = 0.16 -> 16 x 24;  r=1.5 -> min(96/150, 48/100) = 0.48 -> 48 x 72."""
+    x = torch.zeros(1, 3, 100, 150)
+    cfg = {"mode": "whole", "scales": [0.5, 1.0, 1.5], "img_scale": [64, 32], "min_short": 40}
+    spy = _Spy()
+    infer(spy, x, cfg)
+    assert spy.sizes == [(40, 60), (40, 60), (48, 72)]
+    spy = _Spy()
+    infer(spy, x, {**cfg, "min_short": None, "flip": True})
+    assert spy.sizes == [(16, 24), (16, 24), (32, 48), (32, 48), (48, 72), (48, 72)]
+
+
+def test_probability_average_is_the_log_of_the_mean_softmax():
+    """average=probs (mmseg's aug_test): per scale softmax([w/100, 0]) at the output size, then the mean; by hand
+    for widths 60, 60, 72: p0 = mean(sigmoid(0.6), sigmoid(0.6), sigmoid(0.72))."""
+    import math
+
+    x = torch.zeros(1, 3, 100, 150)
+    cfg = {"mode": "whole", "scales": [0.5, 1.0, 1.5], "img_scale": [64, 32], "min_short": 40, "average": "probs"}
+    out = infer(_Spy(), x, cfg, out_size=(10, 15))
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    p0 = (2 * sig(0.6) + sig(0.72)) / 3
+    assert out.shape == (1, 2, 10, 15)
+    torch.testing.assert_close(out[0, 0], torch.full((10, 15), math.log(p0)))
+    torch.testing.assert_close(out[0, 1], torch.full((10, 15), math.log(1 - p0)))
+    # averaging logits instead gives another number: the two protocols really differ
+    logits = infer(_Spy(), x, {**cfg, "average": "logits"}, out_size=(10, 15))
+    assert abs(float(logits[0, 0, 0, 0]) - (0.6 + 0.6 + 0.72) / 3) < 1e-6
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("average", "mean", "data.inference.average"),
+    ("min_short", 0, "data.inference.min_short"),
+    ("img_scale", [0, 5], "data.inference.img_scale"),
+])
+def test_protocol_keys_are_checked(key, value, message):
+    cfg = {"mode": "whole", "img_scale": [64, 32], key: value}
+    with pytest.raises(SETRConfigError, match=message):
+        infer(_Spy(), torch.zeros(1, 3, 8, 8), cfg)
+
+
+def test_min_short_needs_img_scale():
+    with pytest.raises(SETRConfigError, match="data.inference.min_short: needs data.inference.img_scale"):
+        infer(_Spy(), torch.zeros(1, 3, 8, 8), {"min_short": 4})

@@ -112,3 +112,73 @@ def test_unknown_schedule_names_the_key():
     opt = torch.optim.SGD(_Tiny().parameters(), lr=LR)
     with pytest.raises(SETRConfigError, match=r"^optimizer.scheduler.name: unknown schedule 'cosine'"):
         build_scheduler(opt, {"name": "cosine"}, TOTAL, LR)
+
+
+# ------------------------------------------------------------------------------ fine-tuning options (issue 10)
+def _vit_setr(head: str = "naive"):
+    import torch
+
+    from conftest import tiny_model_cfg
+    from setr.models import build_setr
+
+    torch.manual_seed(0)
+    return build_setr(tiny_model_cfg(head, 64, 5))
+
+
+def test_layer_decay_scales_each_encoder_layer():
+    from setr.training.optim import build_optimizer, encoder_layer_id
+
+    model = _vit_setr()
+    depth = len(model.encoder.vit.blocks)  # 4
+    opt = build_optimizer(model, {"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0, "layer_decay": 0.5})
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert lr_of[id(names["encoder.vit.blocks.3.attn.qkv.weight"])] == pytest.approx(0.01 * 0.5)
+    assert lr_of[id(names["encoder.vit.blocks.0.attn.qkv.weight"])] == pytest.approx(0.01 * 0.5 ** 4)
+    assert lr_of[id(names["encoder.vit.patch_embed.proj.weight"])] == pytest.approx(0.01 * 0.5 ** 5)
+    assert lr_of[id(names["encoder.vit.pos_embed"])] == pytest.approx(0.01 * 0.5 ** 5)
+    assert lr_of[id(names["decode_head.cls.weight"])] == pytest.approx(0.1), "heads: x10, no decay"
+    for name, p in names.items():  # every trainable parameter in exactly one group, at its layer's LR
+        layer = encoder_layer_id(name, depth)
+        want = 0.01 * (10.0 if "head" in name else 1.0) * 0.5 ** (depth + 1 - layer)
+        assert lr_of[id(p)] == pytest.approx(want), name
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
+    # without layer_decay: the two head groups and the two backbone groups of the recipe
+    plain = build_optimizer(model, {"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0})
+    assert sorted(g["name"] for g in plain.param_groups) == ["backbone", "backbone_no_decay", "head", "head_no_decay"]
+
+
+def test_layer_decay_rejects_bad_values():
+    from setr.errors import SETRConfigError
+    from setr.training.optim import build_optimizer
+
+    for bad in (0, 1.5, -0.9, True):
+        with pytest.raises(SETRConfigError, match="optimizer.layer_decay"):
+            build_optimizer(_vit_setr(), {"name": "sgd", "lr": 0.01, "layer_decay": bad})
+
+
+def test_frozen_encoder_has_no_group_and_heads_bn_still_train():
+    import torch
+
+    from conftest import tiny_model_cfg
+    from setr.checkpoint import ModelRecord
+    from setr.training import SETRModule
+
+    record = ModelRecord(model=tiny_model_cfg("mla", 64, 5), class_names=[], palette=[], crop_size=64)
+    module = SETRModule(record=record, optimizer={"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0},
+                        freeze_encoder=True).train()
+    from setr.training.optim import build_optimizer
+
+    opt = build_optimizer(module.model, module.hparams.optimizer)
+    in_groups = {id(p) for g in opt.param_groups for p in g["params"]}
+    enc = list(module.model.encoder.parameters())
+    assert enc and not any(p.requires_grad for p in enc) and not any(id(p) in in_groups for p in enc)
+    neck = list(module.model.neck.parameters())
+    assert all(id(p) in in_groups for p in neck), "the MLA neck is not part of the frozen encoder"
+    bn = next(m for m in module.model.decode_head.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    out = module.model(torch.randn(2, 3, 64, 64))
+    loss, _ = module.compute_loss(out, torch.randint(0, 5, (2, 64, 64)))
+    loss.backward()
+    assert not torch.equal(bn.running_mean, before), "the heads' BatchNorm statistics update"
+    assert all(p.grad is None for p in enc)

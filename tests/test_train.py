@@ -294,3 +294,20 @@ def test_resume_auto_continues_the_newest_run_of_the_same_experiment(tmp_path):
     assert "resume=auto: no train run of model=setr_pup data=synthetic with a last.ckpt under" in fresh.stderr
     assert "starting a new run" in fresh.stderr
     assert len(list(runs.iterdir())) == 3
+
+
+@pytest.mark.slow
+def test_eval_prints_the_published_number_beside_the_measured_one(trained_run, tmp_path):
+    """A paper preset's `published` node: eval.py's JSON carries it and the difference, for the protocol it ran
+    (ss: one scale, no flip; ms: the official multi-scale + flip test, protocol=ms)."""
+    _, run_dir = trained_run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    pub = "+published={ss: 50.0, ms: 60.0, source: 'official SETR README'}"
+    ss = run_entry("eval.py", *TINY, f"ckpt_path={last}", pub, log_dir=tmp_path)
+    out = last_json(ss)
+    assert out["published/mIoU"] == pytest.approx(0.5) and out["published/protocol"] == "ss"
+    assert out["diff/mIoU"] == pytest.approx(out["val/mIoU"] - 0.5)
+    assert f"mIoU {100 * out['val/mIoU']:.2f} measured, 50.00 published (SS, official SETR README)" in ss.stdout
+    ms = last_json(run_entry("eval.py", *TINY, f"ckpt_path={last}", pub, "protocol=ms", log_dir=tmp_path))
+    assert ms["published/mIoU"] == pytest.approx(0.6) and ms["published/protocol"] == "ms"
+    assert ms["val/mIoU"] != out["val/mIoU"], "the multi-scale + flip test is a different measurement"

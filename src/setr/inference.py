@@ -6,8 +6,18 @@
 * ``mode``: ``whole`` (one forward of the full image) or ``slide`` (windows of ``crop_size`` every ``stride``
   pixels, ``batch_size`` windows per forward, overlapping logits averaged; images smaller than the crop are
   padded and cropped back — mmsegmentation's ``slide_inference``);
-* ``scales`` (ratios of the input size, default ``[1.0]``) and ``flip``: multi-scale + horizontal-flip testing;
-  the logits of every scale/flip are resized to ``out_size`` and averaged.
+* ``scales`` (ratios, default ``[1.0]``) and ``flip``: multi-scale + horizontal-flip testing; the output of every
+  scale/flip is resized to ``out_size`` and averaged. Without ``img_scale`` a ratio scales the input size.
+* ``img_scale: [long, short]``: a ratio ``r`` resizes the input as mmsegmentation's keep-ratio ``Resize`` to the
+  scale ``(int(long * r), int(short * r))`` inside ``MultiScaleFlipAug``: by ``min(long' / L, short' / S)``, so
+  give it the ORIGINAL image (``data.val_pipeline: []``). ``min_short`` (the official SETR test's
+  ``setr_multi_scale``, set to the crop size): instead, the short side becomes ``max(short', min_short)``, the long
+  side following the aspect ratio uncapped, so no scale is smaller than a window.
+* ``average``: ``logits`` (default) or ``probs``: average softmax probabilities, as mmsegmentation's ``aug_test``
+  (the official protocol); the result is then their log, a valid logit map for the loss and the argmax.
+
+``conf/protocol/ms.yaml`` sets the official multi-scale + flip test from the data config's ``test_scale`` and
+``ms_ratios``.
 
 The second half works on photos as arrays (uint8 RGB ``(H, W, 3)``) with a network from
 :func:`setr.load_model`: :func:`predict_images` applies the checkpoint's test-time resize
@@ -32,7 +42,8 @@ if TYPE_CHECKING:
     from setr.checkpoint import ModelRecord
 
 MODES = ("whole", "slide")
-INFERENCE_KEYS = ("mode", "crop_size", "stride", "batch_size", "scales", "flip")
+INFERENCE_KEYS = ("mode", "crop_size", "stride", "batch_size", "scales", "flip", "img_scale", "min_short", "average")
+AVERAGES = ("logits", "probs")
 
 
 def _pair(v, key: str) -> tuple[int, int]:
@@ -77,27 +88,59 @@ def slide(model, images: torch.Tensor, crop_size, stride, batch_size: int = 1) -
     return (logits / count)[..., :h, :w]
 
 
-@torch.no_grad()
-def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = None,
-          out_size: Sequence[int] | None = None) -> torch.Tensor:
-    cfg = dict(cfg or {})
+def scaled_size(h: int, w: int, ratio: float, img_scale: Sequence[int] | None = None,
+                min_short: int | None = None) -> tuple[int, int]:
+    """The ``(height, width)`` an ``h x w`` input is resized to for one test scale ``ratio`` (see the module
+    docstring): mmcv's ``rescale_size`` rounding, ``int(side * factor + 0.5)``."""
+    if img_scale is None:
+        factor_h = factor_w = ratio
+    else:
+        long, short = max(img_scale) * ratio, min(img_scale) * ratio
+        long, short = int(long), int(short)
+        if min_short is not None:
+            factor_h = factor_w = max(short, int(min_short)) / min(h, w)
+        else:
+            factor_h = factor_w = min(long / max(h, w), short / min(h, w))
+    return max(1, int(h * factor_h + 0.5)), max(1, int(w * factor_w + 0.5))
+
+
+def _check(cfg: Mapping) -> tuple[str, list[float], list[bool], str]:
     mode = cfg.get("mode", "whole")
     if mode not in MODES:
         raise SETRConfigError(f"data.inference.mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     scales = [float(s) for s in (cfg.get("scales") or [1.0])]
     if min(scales) <= 0:
         raise SETRConfigError(f"data.inference.scales: ratios must be > 0, got {scales}")
-    flips = [False, True] if cfg.get("flip") else [False]
     if mode == "slide":
         for key in ("crop_size", "stride"):
             if cfg.get(key) is None:
                 raise SETRConfigError(f"data.inference.{key}: required by mode 'slide'")
+    average = cfg.get("average") or "logits"
+    if average not in AVERAGES:
+        raise SETRConfigError(f"data.inference.average: {average!r}; choose one of {', '.join(AVERAGES)}")
+    if cfg.get("img_scale") is not None:
+        _pair(cfg["img_scale"], "img_scale")
+    if cfg.get("min_short") is not None and (not isinstance(cfg["min_short"], int) or cfg["min_short"] < 1):
+        raise SETRConfigError(f"data.inference.min_short: expected a positive integer, got {cfg['min_short']!r}")
+    if cfg.get("min_short") is not None and cfg.get("img_scale") is None:
+        raise SETRConfigError("data.inference.min_short: needs data.inference.img_scale (the official MS test)")
+    return mode, scales, [False, True] if cfg.get("flip") else [False], average
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = None,
+          out_size: Sequence[int] | None = None) -> torch.Tensor:
+    """Logits ``(B, C, *out_size)`` of ``images`` (normalised ``(B, 3, H, W)``) with the ``data.inference``
+    settings ``cfg`` (see the module docstring); ``out_size`` defaults to the input size."""
+    cfg = dict(cfg or {})
+    mode, scales, flips, average = _check(cfg)
     h, w = images.shape[-2:]
     target = tuple(out_size) if out_size is not None else (h, w)
+    img_scale = cfg.get("img_scale")
     total = None
     for s in scales:
-        x = images if s == 1.0 else F.interpolate(
-            images, size=(max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))), mode="bilinear", align_corners=False)
+        size = scaled_size(h, w, s, img_scale, cfg.get("min_short"))
+        x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         for flip in flips:
             xi = x.flip(-1) if flip else x
             if mode == "slide":
@@ -108,8 +151,11 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = No
                 lg = lg.flip(-1)
             if tuple(lg.shape[-2:]) != target:
                 lg = F.interpolate(lg, size=target, mode="bilinear", align_corners=False)
+            if average == "probs":
+                lg = lg.float().softmax(1)
             total = lg if total is None else total + lg
-    return total / (len(scales) * len(flips))
+    mean = total / (len(scales) * len(flips))
+    return mean.clamp_min(1e-12).log() if average == "probs" else mean
 
 
 # ----------------------------------------------------------------------------- arrays: photos in, class ids out

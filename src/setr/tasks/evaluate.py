@@ -8,6 +8,8 @@ and confusion matrix come from the same :class:`~setr.training.callbacks.MetricR
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from setr.training.callbacks import MetricReport
 from setr.utils.config import check_config, extras, instantiate_group, instantiate_trainer, plain
 from setr.utils.launch import task_wrapper
 from setr.utils.output import print_last_line, write_metrics
+
+log = logging.getLogger("setr")
 
 # trainer keys that only mean something while fitting
 FIT_ONLY = ("max_epochs", "max_steps", "check_val_every_n_epoch", "val_check_interval", "sync_batchnorm",
@@ -64,9 +68,34 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = {f"{split}/{k}": float(scores[k]) for k in ("mIoU", "mAcc", "aAcc")}
     for name, v in zip(module.record.class_names, scores["iou"]):
         metrics[f"{split}/IoU/{name}"] = float(v)
+    metrics.update(compare_published(metrics, split, plain(cfg.get("published")), module.record.inference))
     if trainer.is_global_zero:
         write_metrics(metrics, cfg.paths.output_dir)
     return metrics
+
+
+def protocol_of(inference: Mapping[str, Any]) -> str:
+    """``ms`` when the inference settings test several scales or flips (the papers' MS column), else ``ss``."""
+    return "ms" if len(inference.get("scales") or [1.0]) > 1 or inference.get("flip") else "ss"
+
+
+def compare_published(metrics: Mapping[str, float], split: str, published: Mapping[str, Any] | None,
+                      inference: Mapping[str, Any]) -> dict[str, Any]:
+    """The published mIoU of the preset for this protocol beside the measured one: a printed line, and
+    ``published/mIoU`` (a fraction, like ``val/mIoU``), ``published/protocol``, ``published/source`` and
+    ``diff/mIoU`` (measured - published) for the JSON line. Nothing without a preset or a published number."""
+    if not published:
+        return {}
+    protocol = protocol_of(inference)
+    value = published.get(protocol)
+    if value is None:
+        log.info("published: the preset has no %s number (%s)", protocol.upper(), published.get("source", ""))
+        return {}
+    ref, got = float(value) / 100.0, float(metrics[f"{split}/mIoU"])
+    log.info("mIoU %.2f measured, %.2f published (%s, %s): %+.2f", 100 * got, 100 * ref, protocol.upper(),
+             published.get("source", "?"), 100 * (got - ref))
+    return {"published/mIoU": ref, "published/protocol": protocol, "published/source": published.get("source"),
+            "diff/mIoU": got - ref}
 
 
 @task_wrapper

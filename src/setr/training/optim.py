@@ -13,16 +13,33 @@ from setr.errors import SETRConfigError
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token")
 
 
+def encoder_layer_id(name: str, depth: int) -> int:
+    """Layer of a SETR parameter for layer-wise LR decay (BEiT / mmseg's ``LayerDecayOptimizerConstructor``):
+    the patch embedding, position embedding and prefix tokens are layer 0, ViT block ``i`` is layer ``i + 1``,
+    everything after the encoder (MLA neck, heads) is layer ``depth + 1``."""
+    if name.startswith("encoder.vit."):
+        rest = name[len("encoder.vit."):]
+        if rest.startswith("blocks."):
+            return int(rest.split(".")[1]) + 1
+        if rest.startswith(("patch_embed.", "pos_embed", "cls_token", "dist_token", "reg_token")):
+            return 0
+    return depth + 1
+
+
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float = 1.0,
-                 no_decay_norm_bias_pos: bool = True) -> list[dict[str, Any]]:
-    """Split parameters into (head / not head) x (decay / no decay) groups.
+                 no_decay_norm_bias_pos: bool = True, layer_decay: float | None = None) -> list[dict[str, Any]]:
+    """Split parameters into (head / not head) x (decay / no decay) [x encoder layer] groups.
 
     "Head" means the parameter name contains ``head`` (decode_head.*, auxiliary_heads.*), as the recipes'
     ``custom_keys={'head': lr_mult=10}``: the MLA neck trains at the base LR. No weight decay on norms, biases,
-    position embeddings and prefix tokens when ``no_decay_norm_bias_pos``. Each group starts at ``lr * lr_mult``
-    (``lr_mult`` is kept for the record); :func:`build_scheduler` decays every group from there to ``min_lr``.
+    position embeddings and prefix tokens when ``no_decay_norm_bias_pos``. With ``layer_decay`` (e.g. 0.9) the
+    encoder's layers get ``layer_decay ** (depth + 1 - layer)`` of the LR (:func:`encoder_layer_id`): the last
+    block 0.9, the patch embedding 0.9 ** (depth + 1), neck and heads 1. Frozen parameters (``requires_grad``
+    False, e.g. ``model.encoder.freeze``) are left out. Each group starts at ``lr * lr_mult`` (``lr_mult`` is kept
+    for the record); :func:`build_scheduler` decays every group from there to ``min_lr``.
     """
-    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    depth = len(getattr(getattr(getattr(model, "encoder", None), "vit", None), "blocks", ()))
+    groups: dict[tuple[bool, bool, int], list[torch.nn.Parameter]] = {}
     norm_params = {id(p) for m in model.modules()
                    if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
                    for p in m.parameters(recurse=False)}
@@ -33,16 +50,18 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult:
         no_decay = no_decay_norm_bias_pos and (
             p.ndim <= 1 or id(p) in norm_params or name.endswith(".bias") or any(n in name for n in NO_DECAY_NAMES)
         )
-        groups.setdefault((is_head, no_decay), []).append(p)
+        layer = encoder_layer_id(name, depth) if layer_decay is not None else depth + 1
+        groups.setdefault((is_head, no_decay, layer), []).append(p)
     out = []
-    for (is_head, no_decay), params in sorted(groups.items()):
-        mult = head_lr_mult if is_head else 1.0
+    for (is_head, no_decay, layer), params in sorted(groups.items()):
+        mult = (head_lr_mult if is_head else 1.0) * (layer_decay ** (depth + 1 - layer) if layer_decay else 1.0)
         out.append({
             "params": params,
             "lr": lr * mult,
             "lr_mult": mult,
             "weight_decay": 0.0 if no_decay else weight_decay,
-            "name": f"{'head' if is_head else 'backbone'}{'_no_decay' if no_decay else ''}",
+            "name": f"{'head' if is_head else 'backbone'}{'_no_decay' if no_decay else ''}"
+                    + (f"_layer{layer}" if layer_decay is not None and layer <= depth else ""),
         })
     return out
 
@@ -59,7 +78,13 @@ def build_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
     mult = float(cfg.get("head_lr_mult", 1.0))
     if not mult > 0:
         raise SETRConfigError(f"optimizer.head_lr_mult: must be > 0, got {mult}")
-    groups = param_groups(model, lr, wd, mult, bool(cfg.get("no_decay_norm_bias_pos", True)))
+    layer_decay = cfg.get("layer_decay")
+    if layer_decay is not None and (isinstance(layer_decay, bool) or not 0 < float(layer_decay) <= 1):
+        raise SETRConfigError(f"optimizer.layer_decay: must be in (0, 1] or null, got {layer_decay!r}")
+    groups = param_groups(model, lr, wd, mult, bool(cfg.get("no_decay_norm_bias_pos", True)),
+                          None if layer_decay is None else float(layer_decay))
+    if not groups:
+        raise SETRConfigError("model.encoder.freeze: nothing left to train (every parameter is frozen)")
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=float(cfg.get("momentum", 0.9)), weight_decay=wd)
     if name == "adamw":
