@@ -134,7 +134,7 @@ def test_probability_average_is_the_log_of_the_mean_softmax():
     x = torch.zeros(1, 3, 100, 150)
     cfg = {"mode": "whole", "scales": [0.5, 1.0, 1.5], "img_scale": [64, 32], "min_short": 40, "average": "probs"}
     out = infer(_Spy(), x, cfg, out_size=(10, 15))
-    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    sig = lambda v: 1 / (1 + math.exp(-v))
     p0 = (2 * sig(0.6) + sig(0.72)) / 3
     assert out.shape == (1, 2, 10, 15)
     torch.testing.assert_close(out[0, 0], torch.full((10, 15), math.log(p0)))
@@ -156,5 +156,5 @@ def test_protocol_keys_are_checked(key, value, message):
 
 
 def test_min_short_needs_img_scale():
-    with pytest.raises(SETRConfigError, match="data.inference.min_short: needs data.inference.img_scale"):
+    with pytest.raises(SETRConfigError, match=r"data.inference.min_short: needs data.inference.img_scale"):
         infer(_Spy(), torch.zeros(1, 3, 8, 8), {"min_short": 4})

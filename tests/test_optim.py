@@ -153,7 +153,7 @@ def test_layer_decay_rejects_bad_values():
     from setr.training.optim import build_optimizer
 
     for bad in (0, 1.5, -0.9, True):
-        with pytest.raises(SETRConfigError, match="optimizer.layer_decay"):
+        with pytest.raises(SETRConfigError, match=r"optimizer.layer_decay"):
             build_optimizer(_vit_setr(), {"name": "sgd", "lr": 0.01, "layer_decay": bad})
 
 
