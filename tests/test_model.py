@@ -3,6 +3,8 @@ the full-size parameter counts of the paper (built on the meta device: nothing i
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -12,10 +14,11 @@ from setr.errors import SETRConfigError
 from setr.models import build_setr
 from setr.models.summary import build_meta_model, count_params
 
-HEADS = ["naive", "pup", "mla", "naive_mmseg", "pup_mmseg", "mla_mmseg"]
+HEADS = ["naive", "pup", "mla", "naive_mmseg", "pup_mmseg", "mla_mmseg", "naive_mmseg_cityscapes"]
 # auxiliary heads of each head preset: the same on the 4-block test encoder (conf/model/encoder/vit_test.yaml
 # offers four blocks per family, as the ViT-L / ViT-B encoders do) as at full size
-N_AUX = {"naive": 3, "pup": 4, "mla": 4, "naive_mmseg": 3, "pup_mmseg": 3, "mla_mmseg": 4}
+N_AUX = {"naive": 3, "pup": 4, "mla": 4, "naive_mmseg": 3, "pup_mmseg": 3, "mla_mmseg": 4,
+         "naive_mmseg_cityscapes": 3}
 
 
 def _tiny(head: str, crop: int = 64, num_classes: int = 5, seed: int = 0) -> nn.Module:
@@ -208,6 +211,7 @@ FULL_SIZE_BLOCKS = {
     ("setr_naive", "naive_mmseg"): ([9, 14, 19, 23], 23, [9, 14, 19]),
     ("setr_pup", "pup_mmseg"): ([9, 14, 19, 23], 23, [9, 14, 19]),
     ("setr_mla", "mla_mmseg"): ([5, 11, 17, 23], [5, 11, 17, 23], [5, 11, 17, 23]),
+    ("setr_naive", "naive_mmseg_cityscapes"): ([9, 14, 19, 23], 23, [9, 14, 19]),
 }
 
 
@@ -390,9 +394,15 @@ def test_legacy_full_size_configs_keep_their_structure(model, expected):
 # -------------------------------------------------------------------------------------- full-size counts
 # SETR_SPEC.md reference counts: ViT-L/16, 512x512, 150 classes, auxiliary heads as in the ADE20K configs
 SPEC = {"setr_naive": 305_361_496, "setr_pup": 317_922_542, "setr_mla": 310_184_086}
-# mmsegmentation's re-implementation (model/head=*_mmseg), measured; the spec's "Project decisions" list the
-# differences (no conv bias in the up heads, 2 auxiliary heads for PUP, MLA channel layout)
-MMSEG = {"naive_mmseg": 305_360_472, "pup_mmseg": 315_520_088, "mla_mmseg": 309_570_286}
+# mmsegmentation 1.2.2's own SETR models (model/head=*_mmseg; SETR_SPEC.md 5c): no patch-embedding bias, no conv
+# bias in the up heads, 2-stage auxiliary heads (ADE20K Naive, PUP), 3 PUP auxiliary heads, biased MLA aux
+# classifiers. ADE20K 512x512, 150 classes; Cityscapes 768x768, 19 classes (its Naive aux heads have one stage).
+MMSEG = {
+    ("naive_mmseg", "ade20k"): 305_557_592,
+    ("pup_mmseg", "ade20k"): 317_290_072,
+    ("mla_mmseg", "ade20k"): 309_569_262,
+    ("naive_mmseg_cityscapes", "cityscapes"): 306_535_500,
+}
 
 
 @pytest.mark.parametrize("model, expected", SPEC.items())
@@ -404,10 +414,11 @@ def test_full_size_counts_match_the_spec(model, expected):
     assert net.encoder.depth == 24 and net.encoder.embed_dim == 1024
 
 
-@pytest.mark.parametrize("head, expected", MMSEG.items())
-def test_full_size_counts_of_the_mmseg_variants(head, expected):
-    net = build_meta_model(model_cfg(f"model=setr_{head.split('_')[0]}", f"model/head={head}", "data=ade20k"))
-    assert count_params(net)[0] == expected
+@pytest.mark.parametrize("head, data", MMSEG)
+def test_full_size_counts_of_the_mmseg_variants(head, data):
+    net = build_meta_model(model_cfg(f"model=setr_{head.split('_')[0]}", f"model/head={head}", f"data={data}"))
+    assert count_params(net)[0] == MMSEG[(head, data)]
+    assert net.encoder.vit.patch_embed.proj.bias is None
 
 
 @pytest.mark.parametrize(
@@ -431,3 +442,216 @@ def test_deit_encoder_with_distillation_token_runs():
     assert model.encoder.num_prefix_tokens == 2
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 96)).shape == (1, cfg["num_classes"], 64, 96)
+
+
+# ------------------------------------------------------------------- mmsegmentation structure (model/head=*_mmseg)
+MMSEG_HEADS = ["naive_mmseg", "pup_mmseg", "mla_mmseg", "naive_mmseg_cityscapes"]
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_patch_embedding_bias_only_in_the_official_structure(head):
+    """mmsegmentation's ViT has no bias in its patch-embedding conv; timm's and the official SETR's have one."""
+    model = _tiny(head)
+    mmseg = "_mmseg" in head
+    assert (model.encoder.vit.patch_embed.proj.bias is None) == mmseg
+    assert ("encoder.vit.patch_embed.proj.bias" in model.state_dict()) != mmseg
+
+
+@pytest.mark.parametrize("head, stages", [("naive_mmseg", [4, 4]), ("pup_mmseg", [4, 4]),
+                                          ("naive_mmseg_cityscapes", [4])])
+def test_mmseg_auxiliary_heads_have_the_configs_stages(head, stages):
+    """ADE20K Naive and PUP (both datasets) auxiliary heads: num_convs=2, each stage followed by a 4x up;
+    Cityscapes Naive: num_convs=1."""
+    model = _tiny(head)
+    for aux in model.auxiliary_heads:
+        assert aux.up_scales == stages and len(aux.stages) == len(stages)
+        assert all(s[0].bias is None for s in aux.stages)
+    assert all(s[0].bias is None for s in model.decode_head.stages)
+
+
+def test_mmseg_neck_emits_the_deepest_level_first():
+    """mmseg's MLAModule reverses the list before the top-down sum and zips the sums with ``feat_extract``: output 0
+    is ``feat_extract.0`` (our ``fuse.0``) on the deepest level's projection alone, output 3 ``fuse.3`` on the
+    sum of all four. The official order is the reverse (output 0 = the shallowest level's sum)."""
+    from setr.models.heads import MLANeck
+
+    torch.manual_seed(0)
+    neck = MLANeck(in_channels=8, channels=4, num_levels=4, deepest_first=True).eval()
+    official = MLANeck(in_channels=8, channels=4, num_levels=4).eval()
+    official.load_state_dict(neck.state_dict())  # same keys: only the order of the outputs differs
+    feats = [torch.randn(2, 8, 3, 5) for _ in range(4)]
+    with torch.no_grad():
+        proj = [p(n(f)) for f, n, p in zip(feats, neck.norms, neck.proj)]
+        out = neck(feats)
+        torch.testing.assert_close(out[0], neck.fuse[0](proj[3]))
+        torch.testing.assert_close(out[1], neck.fuse[1](proj[3] + proj[2]))
+        torch.testing.assert_close(out[3], neck.fuse[3](proj[3] + proj[2] + proj[1] + proj[0]))
+        # output 0 depends on the deepest input only
+        changed = neck([torch.randn_like(f) for f in feats[:3]] + [feats[3]])
+        torch.testing.assert_close(changed[0], out[0])
+        assert not torch.allclose(changed[1], out[1])
+        off = official(feats)
+        torch.testing.assert_close(off[0], official.fuse[0](proj[3] + proj[2] + proj[1] + proj[0]))
+        torch.testing.assert_close(off[3], official.fuse[3](proj[3]))
+    model = _tiny("mla_mmseg")
+    assert model.neck.deepest_first and not _tiny("mla").neck.deepest_first
+
+
+# A line-by-line transcription of mmsegmentation 1.2.2's SETR head modules (SETRUPHead, MLANeck/MLAModule,
+# SETRMLAHead, FCNHead with num_convs=0), with mmcv's ConvModule as conv (no bias) -> bn -> activate, so their
+# state-dict names are mmseg's. Loading ours through MMSEG_KEY_RULES must give the same logits.
+class _ConvModule(nn.Module):
+    def __init__(self, cin, cout, k):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, padding=(k - 1) // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.activate = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.activate(self.bn(self.conv(x)))
+
+
+class _Upsample(nn.Module):  # mmseg.models.utils.Upsample (SETRMLAHead): resize to int(size * scale)
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        size = [int(t * self.scale) for t in x.shape[-2:]]
+        return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class _SETRUPHead(nn.Module):
+    def __init__(self, cin, channels, num_classes, num_convs, up_scale, kernel_size):
+        super().__init__()
+        self.norm = nn.LayerNorm(cin, eps=1e-6)
+        self.up_convs = nn.ModuleList()
+        for i in range(num_convs):
+            self.up_convs.append(nn.Sequential(
+                _ConvModule(cin if i == 0 else channels, channels, kernel_size),
+                nn.Upsample(scale_factor=up_scale, mode="bilinear", align_corners=False)))
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        x = self.norm(x.reshape(n, c, h * w).transpose(2, 1)).transpose(1, 2).reshape(n, c, h, w)
+        for up_conv in self.up_convs:
+            x = up_conv(x)
+        return self.conv_seg(x)
+
+
+class _MLAModule(nn.Module):
+    def __init__(self, cin, cout, n=4):
+        super().__init__()
+        self.channel_proj = nn.ModuleList(_ConvModule(cin, cout, 1) for _ in range(n))
+        self.feat_extract = nn.ModuleList(_ConvModule(cout, cout, 3) for _ in range(n))
+
+    def forward(self, inputs):
+        feat_list = [conv(x) for x, conv in zip(inputs, self.channel_proj)][::-1]
+        mid_list = []
+        for feat in feat_list:
+            mid_list.append(feat if not mid_list else mid_list[-1] + feat)
+        return [conv(mid) for mid, conv in zip(mid_list, self.feat_extract)]
+
+
+class _MLANeck(nn.Module):
+    def __init__(self, cin, cout, n=4):
+        super().__init__()
+        self.norm = nn.ModuleList(nn.LayerNorm(cin, eps=1e-6) for _ in range(n))
+        self.mla = _MLAModule(cin, cout, n)
+
+    def forward(self, inputs):
+        outs = []
+        for x, norm in zip(inputs, self.norm):
+            n, c, h, w = x.shape
+            outs.append(norm(x.reshape(n, c, h * w).transpose(2, 1)).transpose(1, 2).reshape(n, c, h, w))
+        return self.mla(outs)
+
+
+class _SETRMLAHead(nn.Module):
+    def __init__(self, cin, mla_channels, num_classes, n=4, up_scale=4):
+        super().__init__()
+        self.up_convs = nn.ModuleList(
+            nn.Sequential(_ConvModule(cin, mla_channels, 3), _ConvModule(mla_channels, mla_channels, 3),
+                          _Upsample(up_scale)) for _ in range(n))
+        self.conv_seg = nn.Conv2d(n * mla_channels, num_classes, 1)
+
+    def forward(self, inputs):
+        return self.conv_seg(torch.cat([up(x) for x, up in zip(inputs, self.up_convs)], dim=1))
+
+
+class _FCNHead0(nn.Module):  # FCNHead(num_convs=0, concat_input=False): convs is Identity, then conv_seg
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x):
+        return self.conv_seg(x)
+
+
+# our state-dict key -> mmseg's (heads and neck; the encoder's keys are the encoder's converter's)
+MMSEG_KEY_RULES = [
+    (r"^(decode_head|auxiliary_heads\.\d+)\.stages\.(\d+)\.0\.", r"\1.up_convs.\2.0.conv."),
+    (r"^(decode_head|auxiliary_heads\.\d+)\.stages\.(\d+)\.1\.", r"\1.up_convs.\2.0.bn."),
+    (r"^decode_head\.branches\.(\d+)\.(\d+)\.0\.", r"decode_head.up_convs.\1.\2.conv."),
+    (r"^decode_head\.branches\.(\d+)\.(\d+)\.1\.", r"decode_head.up_convs.\1.\2.bn."),
+    (r"^neck\.norms\.", "neck.norm."),
+    (r"^neck\.proj\.(\d+)\.0\.", r"neck.mla.channel_proj.\1.conv."),
+    (r"^neck\.proj\.(\d+)\.1\.", r"neck.mla.channel_proj.\1.bn."),
+    (r"^neck\.fuse\.(\d+)\.0\.", r"neck.mla.feat_extract.\1.conv."),
+    (r"^neck\.fuse\.(\d+)\.1\.", r"neck.mla.feat_extract.\1.bn."),
+    (r"\.cls\.", ".conv_seg."),
+    (r"^auxiliary_heads\.", "auxiliary_head."),
+]
+
+
+def _mmseg_key(key: str) -> str:
+    for pattern, repl in MMSEG_KEY_RULES:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _mmseg_reference(head: str, dim: int, num_classes: int) -> nn.Module:
+    ref = nn.Module()
+    if head == "mla_mmseg":
+        ref.neck = _MLANeck(dim, 256)
+        ref.decode_head = _SETRMLAHead(256, 128, num_classes)
+        ref.auxiliary_head = nn.ModuleList(_FCNHead0(256, num_classes) for _ in range(4))
+        return ref
+    # (num_convs, up_scale, kernel_size) of the configs' decode and auxiliary SETRUPHeads
+    decode = {"naive_mmseg": (1, 4, 1), "naive_mmseg_cityscapes": (1, 4, 1), "pup_mmseg": (4, 2, 3)}[head]
+    aux = {"naive_mmseg": (2, 4, 1), "naive_mmseg_cityscapes": (1, 4, 1), "pup_mmseg": (2, 4, 3)}[head]
+    ref.decode_head = _SETRUPHead(dim, 256, num_classes, *decode)
+    ref.auxiliary_head = nn.ModuleList(_SETRUPHead(dim, 256, num_classes, *aux) for _ in range(3))
+    return ref
+
+
+@pytest.mark.parametrize("head", MMSEG_HEADS)
+def test_mmseg_heads_compute_mmsegs_forward_under_the_key_map(head):
+    """Our *_mmseg heads (and neck) loaded into a transcription of mmseg's modules through MMSEG_KEY_RULES (strict,
+    every key and shape matching) give the same logits: module order, upsampling, align_corners, classifier
+    position, neck output order and the auxiliary heads' inputs."""
+    model = _tiny(head, num_classes=7)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    model.eval()
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    ref = _mmseg_reference(head, model.encoder.embed_dim, 7).eval()
+    ref.load_state_dict({_mmseg_key(k): v for k, v in ours.items()})  # strict: the map is complete and 1:1
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        feats = model.encoder(x)
+        feeds = ref.neck(feats) if head == "mla_mmseg" else feats
+        ref_logits = ref.decode_head(feeds if head == "mla_mmseg" else feeds[3])
+        ref_aux = [h(feeds[i]) for i, h in enumerate(ref.auxiliary_head)]
+        expected = nn.functional.interpolate(ref_logits, size=(64, 48), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        ours_feeds = model.neck(feats) if model.neck is not None else feats
+        for i, (h, want) in enumerate(zip(model.auxiliary_heads, ref_aux)):
+            assert h.in_index == i
+            torch.testing.assert_close(h(ours_feeds[h.in_index]), want, atol=1e-5, rtol=1e-5)

@@ -1,25 +1,48 @@
 """SETR decoders: Naive / PUP (one :class:`UpHead` family), the MLA neck and head, and the MLA auxiliary head.
 
-Structures follow the official code (fudan-zvg/SETR) by default. mmsegmentation's re-implementation differs in a
-few places; those are constructor switches (``conv_bias``, ``up_scales``, ``align_corners``, ``cls_kernel``,
-``bias``) so its checkpoints can be loaded with identical logits:
+Structures follow the official code (fudan-zvg/SETR) by default. mmsegmentation's re-implementation (1.x; the
+``model/head=*_mmseg`` presets build mmseg 1.2.2's released SETR models exactly) differs in a few places; those
+are constructor switches (``conv_bias``, ``up_scales``, ``align_corners``, ``cls_kernel``, ``bias``,
+``deepest_first``) plus the encoder's ``patch_bias``, so its checkpoints load with identical logits:
 
-==========================  ==============================  ===============================
-what                        official                        mmsegmentation
-==========================  ==============================  ===============================
-Naive                       LN, 1x1 conv+BN+ReLU, cls,      LN, 1x1 conv+BN+ReLU, 4x up,
-                            resize 16x                      cls, resize 4x
-PUP                         4 x (3x3 conv+BN+ReLU), 2x up   4 x (3x3 conv+BN+ReLU+2x up),
-                            after the first three, cls, 2x  then cls
-conv bias (Naive/PUP)       yes                             no
-PUP auxiliary heads         4 (layers 10/15/20/24)          3 (layers 10/15/20)
-MLA 4x up align_corners     True                            False
-MLA classifier              3x3                             1x1
-MLA aux classifier bias     no                              yes
-==========================  ==============================  ===============================
+===========================  ===============================  ===================================================
+what                         official                         mmsegmentation (1.2.2)
+===========================  ===============================  ===================================================
+ViT patch-embedding bias     yes                              no (``model.encoder.patch_bias: false``)
+Naive decode head            LN, 1x1 conv+BN+ReLU, cls,       LN, 1x1 conv+BN+ReLU, 4x up, cls, resize 4x
+                             resize 16x                       (``up_scales: [4]``)
+Naive auxiliary heads (3)    as the decode head               ADE20K: 2 x (1x1 conv+BN+ReLU, 4x up), cls
+                                                              (``up_scales: [4, 4]``); Cityscapes: 1 x (1x1
+                                                              conv+BN+ReLU, 4x up), cls (``naive_mmseg_cityscapes``)
+PUP decode head              4 x (3x3 conv+BN+ReLU), 2x up    4 x (3x3 conv+BN+ReLU, 2x up), then cls
+                             after the first three, cls, 2x   (``up_scales: [2, 2, 2, 2]``)
+PUP auxiliary heads          4 (layers 10/15/20/24): 3x3      3 (layers 10/15/20): 2 x (3x3 conv+BN+ReLU, 4x up),
+                             conv+BN+ReLU, 4x up, cls         cls (``up_scales: [4, 4]``; ADE20K and Cityscapes)
+conv bias (Naive/PUP)        yes                              no (``conv_bias: false``)
+MLA neck output order        shallow first (p6, .., p24)      deepest first: output k = ``feat_extract.k`` on the
+                                                              top-down sum of level 3-k (``deepest_first: true``)
+MLA 4x up align_corners      True                             False
+MLA concat order             p6, p12, p18, p24                the neck's order (deepest first)
+MLA classifier               3x3                              1x1
+MLA aux classifier bias      no                               yes (FCNHead ``num_convs=0``: ``conv_seg`` only)
+MLA aux k reads              level k, shallow first           neck output k (k=0: the deepest sum)
+===========================  ===============================  ===================================================
+
+Every "up" is bilinear, ``align_corners=False`` except the official MLA 4x. In both codes a conv stage is conv ->
+BN -> ReLU (BN eps 1e-5), the head LayerNorms have eps 1e-6, and the classifier is the last module of each head.
+
+State-dict names, ours <- mmsegmentation (``auxiliary_heads.{k}`` <- ``auxiliary_head.{k}`` the same way):
+
+- up heads: ``norm`` <- ``norm``; ``stages.{j}.0`` (conv) <- ``up_convs.{j}.0.conv``; ``stages.{j}.1`` (BN) <-
+  ``up_convs.{j}.0.bn``; ``cls`` <- ``conv_seg``.
+- MLA neck: ``neck.norms.{i}`` <- ``neck.norm.{i}``; ``neck.proj.{i}.0`` / ``.1`` <- ``neck.mla.channel_proj.{i}
+  .conv`` / ``.bn``; ``neck.fuse.{k}.0`` / ``.1`` <- ``neck.mla.feat_extract.{k}.conv`` / ``.bn`` (same ``k``
+  with ``deepest_first``).
+- MLA head: ``branches.{k}.{m}.0`` / ``.1`` <- ``up_convs.{k}.{m}.conv`` / ``.bn`` (m = 0, 1); ``cls`` <-
+  ``conv_seg``. MLA aux: ``cls`` <- ``conv_seg``.
 
 Every head returns logits at its own output resolution; :class:`setr.models.SETR` resizes them to the input
-(bilinear, ``align_corners=False``).
+(bilinear, ``align_corners=False``), as mmsegmentation's loss and inference do.
 
 Every head has an ``in_index``, as mmsegmentation's decode heads: a position (or, for the MLA head, a list of
 positions) in the list of maps that feeds the heads, i.e. the encoder's ``out_indices`` maps or the neck's
@@ -78,8 +101,9 @@ class UpHead(nn.Module):
         channels: width of the conv stages (256 in every SETR config).
         kernel_size: kernel of the conv stages (Naive 1, PUP 3).
         up_scales: one entry per conv stage: the bilinear upsampling factor after that stage (1 = none).
-            Official Naive ``[1]``, official PUP ``[2, 2, 2, 1]`` (its last 2x is on the logits), PUP aux ``[4]``,
-            mmseg Naive ``[4]``, mmseg PUP ``[2, 2, 2, 2]``.
+            Official Naive ``[1]``, official PUP ``[2, 2, 2, 1]`` (its last 2x is on the logits), official PUP aux
+            ``[4]``; mmseg (``SETRUPHead``: ``num_convs`` stages, each followed by its ``up_scale``) Naive ``[4]``,
+            PUP ``[2, 2, 2, 2]``, ADE20K Naive aux and PUP aux ``[4, 4]``, Cityscapes Naive aux ``[4]``.
         conv_bias: bias in the stage convs (official True, mmseg False).
         norm: norm layer of the stages (``bn``, ``syncbn``, ``gn``).
         in_index: position of this head's input in the maps that feed the heads (see the module docstring);
@@ -122,18 +146,24 @@ class UpHead(nn.Module):
 
 @NECKS.register("mla")
 class MLANeck(nn.Module):
-    """Multi-level feature aggregation neck (official ``Conv_MLA`` with its per-level LayerNorms).
+    """Multi-level feature aggregation neck (official ``Conv_MLA`` with its per-level LayerNorms; mmseg ``MLANeck``).
 
     Inputs: every map the encoder returns (its ``out_indices``, shallow to deep; mmseg's ``MLANeck`` has no
     ``in_index`` either), so ``num_levels`` is the length of ``out_indices``. Each gets LN -> 1x1 conv -> BN ->
-    ReLU; the projections are summed top-down from the deepest level; each sum goes through 3x3 conv -> BN ->
-    ReLU. Returns the levels shallow to deep (official p6, p12, p18, p24). Lives outside any ``*head*`` name, so
-    it trains at the backbone's LR as in both reference codes.
+    ReLU (``proj``); the projections are summed top-down from the deepest level; each sum goes through 3x3 conv ->
+    BN -> ReLU (``fuse``). Lives outside any ``*head*`` name, so it trains at the backbone's LR as in both codes.
+
+    ``deepest_first=False`` (official): ``fuse[i]`` works on level i's sum and the levels come back shallow to
+    deep (p6, p12, p18, p24). ``deepest_first=True`` (mmseg's ``MLAModule``, which sums over the reversed list):
+    ``fuse[k]`` works on the sum of level ``num_levels-1-k`` and output k is its result, so output 0 is the
+    deepest level (layer 24's projection alone) and ``fuse.k`` is mmseg's ``feat_extract.k``.
     """
 
-    def __init__(self, in_channels: int, channels: int = 256, num_levels: int = 4, norm: str = "bn") -> None:
+    def __init__(self, in_channels: int, channels: int = 256, num_levels: int = 4, norm: str = "bn",
+                 deepest_first: bool = False) -> None:
         super().__init__()
         self.num_levels = num_levels
+        self.deepest_first = bool(deepest_first)
         self.norms = nn.ModuleList(ChannelLayerNorm(in_channels, eps=1e-6) for _ in range(num_levels))
         self.proj = nn.ModuleList(ConvNormAct(in_channels, channels, 1, False, norm) for _ in range(num_levels))
         self.fuse = nn.ModuleList(ConvNormAct(channels, channels, 3, False, norm) for _ in range(num_levels))
@@ -143,11 +173,11 @@ class MLANeck(nn.Module):
         if len(feats) != self.num_levels:
             raise ValueError(f"the MLA neck has {self.num_levels} levels, got {len(feats)} maps")
         projected = [p(n(f)) for f, n, p in zip(feats, self.norms, self.proj)]
-        sums: list[torch.Tensor] = [None] * len(projected)  # type: ignore[list-item]
-        acc = None
-        for i in reversed(range(len(projected))):
-            acc = projected[i] if acc is None else acc + projected[i]
-            sums[i] = acc
+        sums: list[torch.Tensor] = []  # top-down: the deepest level's projection, then running sums
+        for p in reversed(projected):
+            sums.append(p if not sums else sums[-1] + p)
+        if not self.deepest_first:
+            sums.reverse()  # shallow first again: sums[i] belongs to level i
         return [f(s) for f, s in zip(self.fuse, sums)]
 
 
@@ -156,7 +186,9 @@ class MLAHead(nn.Module):
     """SETR-MLA decode head: per level two 3x3 conv+BN+ReLU and a 4x upsample, concatenation, classifier.
 
     ``in_index`` lists the levels it reads (all four neck levels in SETR-MLA, mmseg's ``in_index=(0, 1, 2, 3)``);
-    there is one branch per entry.
+    there is one branch per entry, and the branches are concatenated in that order (the neck's order: shallow
+    first in the official code, deepest first in mmseg's). Official: ``align_corners=True``, 3x3 classifier;
+    mmseg's ``SETRMLAHead``: ``align_corners=False``, 1x1 classifier (``conv_seg``).
     """
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 128,
