@@ -506,13 +506,28 @@ EXPERIMENTS = {  # name -> (data, head, encoder, lr, max_steps, batch per device
 }
 
 
+MMSEG_EXPERIMENTS = {  # mmsegmentation's structure and published numbers (its SETR README): name -> (head, SS, MS)
+    "ade20k_naive_mmseg_b16": ("naive_mmseg", 48.28, 49.56), "ade20k_pup_mmseg_b16": ("pup_mmseg", 48.24, 49.99),
+    "ade20k_mla_mmseg_b8": ("mla_mmseg", 47.34, 49.05), "ade20k_mla_mmseg_b16": ("mla_mmseg", 47.54, 49.37),
+    "cityscapes_naive_mmseg_80k": ("naive_mmseg_cityscapes", 78.10, 80.22),
+    "cityscapes_pup_mmseg_80k": ("pup_mmseg", 79.21, 81.02), "cityscapes_mla_mmseg_80k": ("mla_mmseg", 77.00, 79.59),
+}
+OFFICIAL_MS = {"ade20k_naive_b16": 48.80, "ade20k_mla_b8": 50.03, "ade20k_mla_b16": 50.28,
+               "ade20k_mla_deit_b16": 47.71, "ade20k_pup_b16": 50.09, "ade20k_pup_deit_b16": 47.30,
+               "pascal_context_naive_b16": 53.61, "pascal_context_mla_b8": 55.39, "pascal_context_mla_b16": 55.83,
+               "pascal_context_mla_deit_b16": 53.74, "pascal_context_pup_b16": 55.27,
+               "pascal_context_pup_deit_b16": 52.50}
+
+
 def test_experiment_presets_cover_the_official_table():
     files = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-    assert sorted(EXPERIMENTS) == files and len(files) == 26
+    assert sorted([*EXPERIMENTS, *MMSEG_EXPERIMENTS]) == files and len(files) == 26 + 7
     for name, (data, head, enc, lr, steps, batch, miou) in EXPERIMENTS.items():
         text = (CONF / "experiment" / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_"), name
         assert f"{miou:.2f} mIoU" in text, name
+        assert yaml.safe_load(text)["published"] == {"ss": miou, "ms": OFFICIAL_MS.get(name),
+                                                      "source": "official SETR README"}, name
         doc = yaml.safe_load(text)
         defaults = {k: v for entry in doc["defaults"] for k, v in entry.items()}
         assert defaults.pop("override /data") == data and defaults.pop("override /model") == f"setr_{head}", name
@@ -520,6 +535,23 @@ def test_experiment_presets_cover_the_official_table():
         assert defaults.pop("override /model/encoder", "vit_large") == enc and not defaults, name
         assert doc["optimizer"]["lr"] == lr and doc["trainer"]["max_steps"] == steps, name
         assert doc["trainer"]["devices"] == 8 and doc["data"]["batch_size"] == batch, name
+
+
+@pytest.mark.parametrize("name", sorted(MMSEG_EXPERIMENTS))
+def test_mmseg_presets_build_mmsegs_model_and_carry_its_numbers(name):
+    from omegaconf import OmegaConf
+
+    from setr.models.summary import build_meta_model, count_params
+
+    head, ss, ms = MMSEG_EXPERIMENTS[name]
+    cfg = _compose([f"experiment={name}"])
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert model["head"]["name"] == head and model["encoder"]["patch_bias"] is False
+    assert OmegaConf.to_container(cfg.published) == {"ss": ss, "ms": ms, "source": "mmsegmentation SETR README"}
+    assert cfg.data.ms_min_short is None, "mmseg's TTA has no short-side floor"
+    if name.startswith("ade20k") and head != "naive_mmseg_cityscapes":
+        want = {"naive_mmseg": 305_557_592, "pup_mmseg": 317_290_072, "mla_mmseg": 309_569_262}[head]
+        assert count_params(build_meta_model(model))[0] == want
 
 
 @pytest.mark.parametrize("name", ["cityscapes_pup_80k", "ade20k_mla_b16", "pascal_context_mla_b8",

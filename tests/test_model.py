@@ -433,7 +433,8 @@ def test_encoders_by_name(encoder, depth, dim, prefix):
 
 def test_deit_encoder_with_distillation_token_runs():
     """DeiT has two prefix tokens (class + distillation): the maps must come from the patch tokens only."""
-    cfg = model_cfg("model=setr_naive", "model/encoder=deit_base", "data=synthetic", "data.crop_size=64",
+    cfg = model_cfg("model=setr_naive", "model/encoder=deit_base", "model.encoder.pretrained=none", "data=synthetic",
+                    "data.crop_size=64",
                     "+model.encoder.arch.embed_dim=64", "+model.encoder.arch.depth=2",
                     "+model.encoder.arch.num_heads=2", "model.encoder.out_indices=[0,1]",
                     "model.head.decode.in_index=1", "model.head.auxiliary.in_index=[0]")

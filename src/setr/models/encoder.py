@@ -14,6 +14,7 @@ There is no final norm, as in the official backbone: each head (or the MLA neck)
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,14 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from setr.errors import SETRConfigError
+from setr.models.pretrained import (  # noqa: F401  (load_state_dict_file: re-exported)
+    CLASSIFIER_PREFIXES,
+    load_state_dict_file,
+    pretrained_path,
+    read_weights,
+)
+
+log = logging.getLogger("setr")
 
 
 def is_tracing() -> bool:
@@ -79,7 +88,7 @@ class ViTEncoder(nn.Module):
         drop_rate, attn_drop_rate, drop_path_rate: regularisation (all 0 in the released SETR configs).
         arch: optional overrides of the architecture (``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``),
             e.g. for tiny test models.
-        pretrained: path to a local timm ViT checkpoint (``.pth``/``.pt``/``.bin``/``.safetensors``), or None.
+        pretrained: a local ImageNet ViT weights file (see :meth:`load_pretrained`), or None / ``none``.
         grad_checkpointing: recompute block activations in the backward pass to save memory.
         out_indices: the blocks whose outputs :meth:`forward` returns, 0-based (negative counts from the end),
             increasing, as mmsegmentation's ``VisionTransformer(out_indices=...)``: SETR-Naive/PUP (9, 14, 19, 23)
@@ -150,7 +159,7 @@ class ViTEncoder(nn.Module):
                 t = getattr(self.vit, attr, None)
                 if t is not None:
                     t.requires_grad_(False)
-        if pretrained:
+        if pretrained_path(pretrained) is not None:
             self.load_pretrained(pretrained)
 
     # ------------------------------------------------------------------ forward
@@ -238,23 +247,36 @@ class ViTEncoder(nn.Module):
         self.out_indices = blocks
 
     # ---------------------------------------------------------------- weights
-    def load_pretrained(self, path: str | Path) -> dict[str, list[str]]:
-        """Load a local timm-format ViT checkpoint, resampling position embeddings to this encoder's grid.
+    def load_pretrained(self, path: str | Path | None) -> dict[str, list[str]]:
+        """Load local ImageNet ViT weights, resampling position embeddings to this encoder's grid.
 
-        Accepts a plain state dict or one wrapped under ``state_dict`` / ``model``, with or without a
-        ``backbone.`` / ``module.`` prefix. The classifier and final norm are dropped (SETR uses neither).
-        Returns the missing and unexpected keys; a key whose shape does not fit raises :class:`SETRConfigError`.
+        Layouts (:mod:`setr.models.pretrained`): timm ``.pth``/``.pt``/``.bin`` (plain, or under ``state_dict`` /
+        ``model``, with or without a ``backbone.`` / ``module.`` prefix), ``.safetensors``, the original release's
+        ``.npz`` and mmsegmentation's converted ViT; never arbitrary unpickling. A torch-hub hash in the file name
+        is checked. The classifier (``head``, ``head_dist``, ``pre_logits``) and final norm are dropped (SETR uses
+        neither); one log line sums up what was loaded. ``none`` / None loads nothing.
+
+        Returns the missing and unexpected keys; missing encoder weights or a shape that does not fit raise
+        :class:`SETRConfigError` naming the file.
         """
-        state = load_state_dict_file(path)
-        state = _strip_prefixes(state, ("module.", "backbone.", "encoder.vit.", "vit."))
-        state = {k: v for k, v in state.items() if not k.startswith(("head.", "norm.", "fc_norm.", "head_dist."))}
+        file = pretrained_path(path)
+        if file is None:
+            return {"missing": [], "unexpected": []}
+        weights = read_weights(file)
+        state = weights.state
+        dropped = list(weights.dropped) + [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]
+        state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+        pos_note = ""
         if "pos_embed" in state:
             pe = state["pos_embed"]
             embed_prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
             n_old = pe.shape[1] - embed_prefix
             side = round(n_old**0.5)
-            if side * side != n_old:
-                raise SETRConfigError(f"{path}: pos_embed has {n_old} patch positions, not a square grid")
+            if pe.ndim != 3 or side * side != n_old:
+                raise SETRConfigError(f"{file}: pos_embed {tuple(pe.shape)} has {n_old} patch positions after "
+                                      f"{embed_prefix} prefix token(s), not a square grid: weights of another encoder?")
+            new = "x".join(map(str, self.grid_size))
+            pos_note = f"pos_embed {side}x{side}" + (f" -> {new}" if (side, side) != self.grid_size else " (kept)")
             if (side, side) != self.grid_size:
                 state["pos_embed"] = resample_abs_pos_embed(
                     pe.float(),
@@ -263,46 +285,30 @@ class ViTEncoder(nn.Module):
                     num_prefix_tokens=embed_prefix,
                     interpolation=self.pos_embed_interp,
                     antialias=False,
-                )
+                ).to(pe.dtype)
         own = self.vit.state_dict()
         bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
                if k in own and own[k].shape != v.shape]
         if bad:
-            raise SETRConfigError(f"{path}: weights do not fit encoder {self.name!r}: " + "; ".join(bad[:3]))
-        result = self.vit.load_state_dict(state, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(("norm.", "fc_norm.", "head"))]
+            raise SETRConfigError(f"{file}: weights do not fit encoder {self.name!r}: " + "; ".join(bad[:3]))
+        missing = [k for k in own if k not in state]
         if missing:
-            raise SETRConfigError(f"{path}: checkpoint lacks {len(missing)} encoder weights, e.g. {missing[:3]}")
-        return {"missing": missing, "unexpected": list(result.unexpected_keys)}
+            raise SETRConfigError(f"{file}: checkpoint lacks {len(missing)} encoder weights, e.g. {missing[:3]} "
+                                  f"({weights.fmt} file)")
+        result = self.vit.load_state_dict(state, strict=False)
+        unexpected = list(result.unexpected_keys)
+        loaded = sum(1 for k in state if k in own)
+        log.info("pretrained %s: %s, %d tensors loaded, %s, dropped: %s; missing: none; unexpected: %s",
+                 file, weights.fmt, loaded, pos_note or "no pos_embed", _names(sorted(dropped)),
+                 _names(unexpected))
+        return {"missing": [], "unexpected": unexpected}
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat state dict, with one clear error if it is missing or unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise SETRConfigError(f"{path}: pretrained weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any reader failure becomes one line naming the file
-        raise SETRConfigError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SETRConfigError(f"{path}: not a state dict of tensors")
-    return obj
-
-
-def _strip_prefixes(state: dict, prefixes: Sequence[str]) -> dict:
-    for p in prefixes:
-        if state and all(k.startswith(p) for k in state):
-            state = {k[len(p) :]: v for k, v in state.items()}
-    return state
+def _names(keys: Sequence[str], limit: int = 8) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
 
 
 def _pair(v, key: str) -> tuple[int, int]:

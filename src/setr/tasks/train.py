@@ -21,7 +21,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from setr.checkpoint import ModelRecord
 from setr.errors import SETRConfigError
 from setr.training import SegDataModule, SETRModule
-from setr.utils.config import check_config, cpu_only, extras, instantiate_group, instantiate_trainer, plain
+from setr.utils.config import (
+    check_config,
+    check_pretrained,
+    cpu_only,
+    extras,
+    instantiate_group,
+    instantiate_trainer,
+    plain,
+)
 from setr.utils.distributed import is_rank_zero, patch_lightning_hydra_ddp
 from setr.utils.launch import task_wrapper
 from setr.utils.output import collect_metrics, print_last_line, write_metrics
@@ -70,6 +78,8 @@ def build_callbacks(cfg: DictConfig, loggers: list[Any]) -> list[L.Callback]:
 
 def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
     check_config(cfg)
+    if cfg.get("train", True):
+        check_pretrained(cfg)  # a missing ImageNet weights file stops here, before any data or model is built
     extras(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = SegDataModule(plain(cfg.data), seed=cfg.seed)

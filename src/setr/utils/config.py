@@ -50,6 +50,25 @@ def check_config(cfg: DictConfig) -> None:
         raise SETRConfigError(f"config: {str(e).splitlines()[0]}") from e
 
 
+def check_pretrained(cfg: DictConfig) -> None:
+    """``model.encoder.pretrained`` of a training run: ``none`` / ``null`` (any case) becomes None (training from
+    scratch, said in one log line); a file must exist and match the torch-hub hash in its name, else one error line
+    naming the file, the key and where the paper's file comes from. src/train.py runs it before any data or model
+    is built, when it fits (the weights are read at the start of fit); summary, eval, predict never need the file."""
+    from setr.models.pretrained import KEY, check_pretrained_file
+
+    encoder = cfg.model.get("encoder")
+    if not isinstance(encoder, DictConfig) or "pretrained" not in encoder:
+        return
+    value = encoder.pretrained
+    path = check_pretrained_file(value, encoder=encoder.get("name"))
+    if path is None:
+        if value is not None:
+            encoder.pretrained = None  # `none` as a string: what SETRModule and build_setr read is None
+        log.info("%s=none: the encoder (%s) starts from random weights, no ImageNet pre-training", KEY,
+                 encoder.get("name"))
+
+
 def extras(cfg: DictConfig) -> None:
     """``extras``: quiet Lightning's duplicate console handler, filter known warnings, print the config tree."""
     ex = cfg.get("extras") or {}
