@@ -311,3 +311,18 @@ def test_eval_prints_the_published_number_beside_the_measured_one(trained_run, t
     ms = last_json(run_entry("eval.py", *TINY, f"ckpt_path={last}", pub, "protocol=ms", log_dir=tmp_path))
     assert ms["published/mIoU"] == pytest.approx(0.6) and ms["published/protocol"] == "ms"
     assert ms["val/mIoU"] != out["val/mIoU"], "the multi-scale + flip test is a different measurement"
+
+
+@pytest.mark.slow
+def test_frozen_encoder_run_trains_the_heads_only(tmp_path):
+    run_dir = tmp_path / "r"
+    run_entry("train.py", *TINY, "model.encoder.freeze=true", "trainer.max_steps=4", "trainer.val_check_interval=2",
+              "callbacks.model_checkpoint.save_top_k=-1", f"hydra.run.dir={run_dir}", log_dir=tmp_path)
+    first = torch.load(run_dir / "checkpoints" / "step_000002.ckpt", weights_only=True)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4 and last["hyper_parameters"]["freeze_encoder"] is True
+    assert "freeze" not in last["hyper_parameters"]["record"]["model"]["encoder"], "a training setting, not the network"
+    enc = [k for k in last["state_dict"] if k.startswith("model.encoder.")]
+    assert enc and all(torch.equal(first["state_dict"][k], last["state_dict"][k]) for k in enc)
+    cls = "model.decode_head.cls.weight"
+    assert not torch.equal(first["state_dict"][cls], last["state_dict"][cls]), "the heads train"

@@ -6,12 +6,19 @@ index, the training crop, the inference settings of validation, and the test-tim
 the checkpoint's hyperparameters (``SETRModule(record=...)``), so ``setr.load_model(path)``, prediction, export,
 the W&B callback and the notebooks all read the same thing, and a checkpoint needs no config file beside it.
 
-Checkpoints are read with ``torch.load(weights_only=True)``: they hold tensors and plain Python values only.
+Every file is read without arbitrary unpickling: ``torch.load(weights_only=True)`` (tensors, plain Python values and,
+for released mmseg files whose ``meta`` holds them, numpy arrays / dtypes / scalars) or safetensors (``.safetensors``:
+the weights, with the record as JSON in the metadata, as ``python -m setr.convert`` writes). A released SETR
+checkpoint (official fudan-zvg/SETR or mmsegmentation) is refused by :func:`load_model` with a hint to convert it,
+or converted in memory where the caller asks (``convert_foreign=True``: ``src/eval.py``, ``src/predict.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -126,19 +133,123 @@ def _three(values: Any, key: str) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """``torch.load`` of a file this project wrote, as tensors and plain values only (``weights_only=True``).
-    A missing, unreadable or foreign file raises one :class:`SETRConfigError` line naming it."""
+def _numpy_safe_globals() -> list[Any]:
+    """The numpy callables and types a pickled array, dtype or scalar needs (as in old mmseg ``meta``). They only
+    build arrays / dtypes / scalars; an object array's items are unpickled by the same restricted unpickler."""
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    items: list[Any] = [np.ndarray, np.dtype]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        items += [(multiarray._reconstruct, f"{mod}._reconstruct"), (multiarray.scalar, f"{mod}.scalar")]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:  # numpy >= 1.25: the class of each dtype instance (needed to BUILD it)
+        items += [c for c in vars(dtypes).values() if isinstance(c, type) and issubclass(c, np.dtype)]
+    return items
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals of a torch zip file that the weights-only unpickler would refuse (best effort)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return []
+    allowed = {n if isinstance(n, str) else f"{n.__module__}.{n.__qualname__}"
+               for n in (i[1] if isinstance(i, tuple) else i for i in _numpy_safe_globals())}
+    return [n for n in names if n not in allowed]
+
+
+def load_torch_file(path: str | Path, what: str = "ckpt_path", map_location: str | torch.device = "cpu",
+                    trust_pickle: bool = False) -> Any:
+    """``torch.load`` without arbitrary unpickling (``weights_only=True``, numpy arrays allowed). A file that needs
+    more is refused with one :class:`SETRConfigError` line naming what it pickles; ``trust_pickle=True`` (only
+    ``python -m setr.convert --trust-pickle``) loads it with full unpickling on explicit request."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SETRConfigError(f"{what}: checkpoint {path} not found")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if trust_pickle:
+            try:
+                return torch.load(path, map_location=map_location, weights_only=False)
+            except Exception as e2:
+                raise SETRConfigError(f"{what}: cannot read {path} even with --trust-pickle ({type(e2).__name__}: "
+                                      f"{(str(e2).strip().splitlines() or [''])[0]})") from e2
+        names = _unsafe_globals(path)
+        if not names:
+            m = re.search(r"GLOBAL ([\w.]+)|got (<class '[\w.]+'>)|function (\S+)", str(e))
+            names = [next(g for g in m.groups() if g)] if m else []
+        found = f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})" if names else ""
+        hint = ("pass --trust-pickle if you trust its source" if what == "SRC" else
+                "a released SETR checkpoint from a trusted source: python -m setr.convert SRC DST --trust-pickle")
+        raise SETRConfigError(
+            f"{what}: {path} needs arbitrary unpickling: it holds Python objects beyond tensors, plain values and "
+            f"numpy arrays{found}, which are not unpickled (that could run code stored in the file); {hint}") from e
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise SETRConfigError(f"{what}: cannot read checkpoint {path} ({type(e).__name__}: {reason})") from e
+
+
+def read_safetensors(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A ``.safetensors`` file of :mod:`setr.convert` as a checkpoint dict (record from the metadata, weights
+    under ``model.``)."""
+    from safetensors import safe_open
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise SETRConfigError(f"ckpt_path: checkpoint {path} not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open is no dict)
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0]
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            reason = "it holds Python objects beyond tensors and plain values, which are not unpickled"
-        raise SETRConfigError(f"ckpt_path: cannot read checkpoint {path} ({type(e).__name__}: {reason})") from e
+        raise SETRConfigError(f"ckpt_path: cannot read safetensors file {path} ({type(e).__name__}: {reason})") from e
+    if "setr_record" not in meta:
+        raise SETRConfigError(f"ckpt_path: {path} has no setr_record metadata (write it with python -m setr.convert)")
+    try:
+        record = json.loads(meta["setr_record"])
+    except json.JSONDecodeError as e:
+        raise SETRConfigError(f"ckpt_path: {path}: setr_record metadata is not valid JSON ({e})") from e
+    state = {f"model.{k}": v.to(map_location) for k, v in state.items()}
+    return {"hyper_parameters": {"record": record}, "state_dict": state}
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, convert_foreign: bool = False,
+                    data: str | Mapping[str, Any] | None = None, num_heads: int | None = None,
+                    out_indices: Sequence[int] | None = None) -> dict[str, Any]:
+    """A checkpoint file as a dict in this project's format (``hyper_parameters.record`` + ``state_dict``), read
+    without arbitrary unpickling (see :func:`load_torch_file`) or from ``.safetensors``. A missing, unreadable or
+    foreign file raises one :class:`SETRConfigError` line naming it.
+
+    A released SETR checkpoint (official or mmsegmentation layout) is converted in memory when ``convert_foreign``
+    (with the converter's defaults; ``data``: a preset name or a data config giving classes, palette, inference and
+    test resize; ``num_heads`` / ``out_indices``: the converter's flags, the entry points' ``convert.*`` keys), with
+    a printed line saying so; otherwise refused with the command that converts it."""
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, map_location)
+    ckpt = load_torch_file(path, map_location=map_location)
+    from setr.convert import convert_checkpoint, is_released, summary_line
+
+    if is_released(ckpt):
+        if not convert_foreign:
+            raise SETRConfigError(f"ckpt_path: {path} is a released SETR checkpoint (official / mmsegmentation "
+                                  "layout); convert it with python -m setr.convert SRC DST")
+        try:
+            ckpt, conv = convert_checkpoint(ckpt, where=str(path), data=data, num_heads=num_heads,
+                                            out_indices=out_indices)
+        except SETRConfigError as e:  # the converter's flags are the entry points' convert.* keys here
+            msg = str(e).replace("--out-indices a,b,c,d", "convert.out_indices=[a,b,c,d]")
+            msg = msg.replace("--out-indices", "convert.out_indices").replace("--num-heads", "convert.num_heads")
+            raise SETRConfigError(msg) from e
+        print(f"converted in memory (python -m setr.convert defaults): {summary_line(conv, path)}", flush=True)
+        return ckpt
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise SETRConfigError(f"ckpt_path: {path} is not a checkpoint written by src/train.py (no state_dict)")
     return ckpt
@@ -163,14 +274,19 @@ def network_state(state_dict: Mapping[str, Any], prefix: str = "model.") -> dict
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """The SETR network of a checkpoint, in eval mode, with its :class:`ModelRecord` as ``model.record``.
+def load_model(path: str | Path, map_location: str | torch.device = "cpu", *, convert_foreign: bool = False,
+               data: str | Mapping[str, Any] | None = None, num_heads: int | None = None,
+               out_indices: Sequence[int] | None = None) -> torch.nn.Module:
+    """The SETR network of a checkpoint (``.ckpt`` of src/train.py or setr.convert, or ``.safetensors`` of
+    setr.convert), in eval mode, with its :class:`ModelRecord` as ``model.record``.
 
     No Lightning involved: the record rebuilds the network, the weights are loaded strictly. Works at any input
-    size (SETR resamples its position embeddings and pads to the patch size)."""
+    size (SETR resamples its position embeddings and pads to the patch size). A released SETR checkpoint is
+    refused unless ``convert_foreign`` (see :func:`read_checkpoint`)."""
     from setr.models import build_setr
 
-    ckpt = read_checkpoint(path, map_location)
+    ckpt = read_checkpoint(path, map_location, convert_foreign=convert_foreign, data=data, num_heads=num_heads,
+                           out_indices=out_indices)
     record = record_of(ckpt, path)
     model = build_setr(record.model)
     try:

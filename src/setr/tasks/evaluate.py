@@ -1,7 +1,9 @@
 """``src/eval.py``: score a checkpoint on a dataset split with the configured inference mode.
 
 The checkpoint is read as weights only (:func:`setr.checkpoint.read_checkpoint`); ``data.inference`` of the
-command line replaces the record's inference settings. The per-class table, CSV / JSON
+command line replaces the record's inference settings. A released SETR checkpoint (official fudan-zvg/SETR or
+mmsegmentation) is taken directly: converted in memory with ``python -m setr.convert``'s defaults, the data config
+giving its class names, palette and test resize (a line says so). The per-class table, CSV / JSON
 and confusion matrix come from the same :class:`~setr.training.callbacks.MetricReport` as in training.
 """
 
@@ -31,10 +33,15 @@ FIT_ONLY = ("max_epochs", "max_steps", "check_val_every_n_epoch", "val_check_int
             "gradient_clip_val", "accumulate_grad_batches")
 
 
-def load_module(path: str | Path, inference: dict[str, Any] | None = None) -> SETRModule:
+def load_module(path: str | Path, inference: dict[str, Any] | None = None,
+                data: Mapping[str, Any] | None = None, convert: Mapping[str, Any] | None = None) -> SETRModule:
     """The Lightning module of a checkpoint for evaluation (weights only, compile off), with ``inference``
-    replacing the record's settings when given."""
-    ckpt = read_checkpoint(path)
+    replacing the record's settings when given. A released SETR checkpoint is converted in memory, ``data`` (the
+    data config) standing in for ``python -m setr.convert --data`` and ``convert`` (``num_heads``, ``out_indices``)
+    for its other flags."""
+    convert = dict(convert or {})
+    ckpt = read_checkpoint(path, convert_foreign=True, data=data, num_heads=convert.get("num_heads"),
+                           out_indices=convert.get("out_indices"))
     record = record_of(ckpt, path)
     if inference:
         record = dataclasses.replace(record, inference=inference)
@@ -50,12 +57,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     split = cfg.get("split", "val")
     if split not in ("val", "test"):
         raise SETRConfigError(f"split: use val or test, got {split!r}")
-    module = load_module(str(cfg.ckpt_path), inference=plain(cfg.data.get("inference")))
+    datamodule = SegDataModule(plain(cfg.data), seed=cfg.seed)  # lazy: datasets are built on first use
+    # for a released checkpoint: the data's class names and palette (the dataset's own when the config has none)
+    hint = {**plain(cfg.data), "class_names": plain(cfg.data.get("class_names")) or (lambda: datamodule.class_names),
+            "palette": lambda: datamodule.palette}
+    module = load_module(str(cfg.ckpt_path), inference=plain(cfg.data.get("inference")), data=hint,
+                         convert=plain(cfg.get("convert")))
     if module.record.num_classes != cfg.data.num_classes:
         raise SETRConfigError(
             f"data.num_classes: the checkpoint predicts {module.record.num_classes} classes, data={cfg.data.name} "
             f"has {cfg.data.num_classes}")
-    datamodule = SegDataModule(plain(cfg.data), seed=cfg.seed)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer_cfg = {k: v for k, v in plain(cfg.trainer).items() if k not in FIT_ONLY}
     report = MetricReport(output_dir=cfg.paths.output_dir)

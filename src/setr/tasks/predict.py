@@ -10,8 +10,10 @@ Inputs of two files with the same stem get ``<stem>_<ext>`` (then ``-2``, ``-3``
 overwritten. Each photo first gets the checkpoint's test-time resize (``record.test_pipeline``, e.g. ADE20K's
 short side 512: the scale the model was trained and validated at; ``resize=false`` keeps the native size), and
 the logits are resized back, so every output has the photo's size. ``batch_size`` images of one size go through
-one forward. The array-level steps (resize, normalise, infer, argmax) are :func:`setr.inference.predict_images`,
-which the notebooks call too; this module adds files, batching, failures and the outputs.
+one forward. ``ckpt_path`` may also be a released SETR checkpoint (official or mmsegmentation): it is converted
+in memory with ``python -m setr.convert``'s defaults. The array-level steps (resize, normalise, infer, argmax)
+are :func:`setr.inference.predict_images`, which the notebooks call too; this module adds files, batching,
+failures and the outputs.
 """
 
 from __future__ import annotations
@@ -280,7 +282,10 @@ def predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     except OSError as e:
         raise SETRConfigError(f"output_dir: cannot create {out_dir} ({_first_line(e)})") from e
 
-    model = load_model(ckpt, map_location=device)  # one SETRConfigError line if unusable
+    # one SETRConfigError line if unusable; a released SETR checkpoint is converted in memory (a line says so)
+    convert = OmegaConf.to_container(cfg.convert, resolve=True) if isinstance(cfg.get("convert"), DictConfig) else {}
+    model = load_model(ckpt, map_location=device, convert_foreign=True, num_heads=convert.get("num_heads"),
+                       out_indices=convert.get("out_indices"))
     record = model.record
     print(f"{len(paths)} image(s) -> {out_dir} | {record.num_classes} classes | device {device} | "
           f"inference {inference_config(record, override)} | "
