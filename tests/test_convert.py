@@ -21,8 +21,7 @@ from PIL import Image
 from conftest import tiny_model_cfg
 from pipeline import TINY, last_json, run_entry
 from setr import load_model
-from setr.checkpoint import read_checkpoint
-from setr.convert import main
+from setr.convert import load_model_or_convert, main, read_or_convert
 from setr.errors import SETRConfigError
 from setr.models import build_setr
 
@@ -281,7 +280,7 @@ def test_pickled_objects_are_refused_unless_trusted_and_numpy_meta_loads(tmp_pat
     assert "needs arbitrary unpickling" in err and "fractions.Fraction" in err and "not unpickled" in err
     assert err.endswith("pass --trust-pickle if you trust its source")
     with pytest.raises(SETRConfigError, match="needs arbitrary unpickling") as e:
-        read_checkpoint(risky, convert_foreign=True)
+        read_or_convert(risky)
     assert "\n" not in str(e.value)
     assert main([str(risky), str(tmp_path / "o.ckpt"), *FLAGS, "--trust-pickle"]) == 0
     assert load_model(tmp_path / "o.ckpt").record.class_names == CLASSES
@@ -297,10 +296,10 @@ def test_load_model_refuses_a_released_file_with_the_command(tmp_path):
     src = write_released(tmp_path / "r.pth", random_model("naive"), "official")
     with pytest.raises(SETRConfigError, match=r"python -m setr\.convert SRC DST"):
         load_model(src)
-    model = load_model(src, convert_foreign=True, num_heads=2, out_indices=[0, 1, 2, 3])
+    model = load_model_or_convert(src, num_heads=2, out_indices=[0, 1, 2, 3])
     assert model.record.class_names == CLASSES
     with pytest.raises(SETRConfigError, match=r"convert.out_indices=\[a,b,c,d\]"):
-        load_model(src, convert_foreign=True, num_heads=2)
+        load_model_or_convert(src, num_heads=2)
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -164,9 +164,9 @@ def test_frozen_encoder_has_no_group_and_heads_bn_still_train():
     from setr.checkpoint import ModelRecord
     from setr.training import SETRModule
 
-    record = ModelRecord(model=tiny_model_cfg("mla", 64, 5), class_names=[], palette=[], crop_size=64)
-    module = SETRModule(record=record, optimizer={"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0},
-                        freeze_encoder=True).train()
+    model = tiny_model_cfg("mla", 64, 5, "model.encoder.freeze=true")
+    record = ModelRecord(model=model, class_names=[], palette=[], crop_size=64)
+    module = SETRModule(record=record, optimizer={"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0}).train()
     from setr.training.optim import build_optimizer
 
     opt = build_optimizer(module.model, module.hparams.optimizer)

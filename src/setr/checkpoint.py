@@ -9,8 +9,8 @@ the W&B callback and the notebooks all read the same thing, and a checkpoint nee
 Every file is read without arbitrary unpickling: ``torch.load(weights_only=True)`` (tensors, plain Python values and,
 for released mmseg files whose ``meta`` holds them, numpy arrays / dtypes / scalars) or safetensors (``.safetensors``:
 the weights, with the record as JSON in the metadata, as ``python -m setr.convert`` writes). A released SETR
-checkpoint (official fudan-zvg/SETR or mmsegmentation) is refused by :func:`load_model` with a hint to convert it,
-or converted in memory where the caller asks (``convert_foreign=True``: ``src/eval.py``, ``src/predict.py``).
+checkpoint (official fudan-zvg/SETR or mmsegmentation) is refused by :func:`load_model` with a hint to convert it;
+:mod:`setr.convert` converts it, on disk or in memory (``src/eval.py``, ``src/predict.py``).
 """
 
 from __future__ import annotations
@@ -220,39 +220,27 @@ def read_safetensors(path: str | Path, map_location: str | torch.device = "cpu")
     return {"hyper_parameters": {"record": record}, "state_dict": state}
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, convert_foreign: bool = False,
-                    data: str | Mapping[str, Any] | None = None, num_heads: int | None = None,
-                    out_indices: Sequence[int] | None = None) -> dict[str, Any]:
-    """A checkpoint file as a dict in this project's format (``hyper_parameters.record`` + ``state_dict``), read
-    without arbitrary unpickling (see :func:`load_torch_file`) or from ``.safetensors``. A missing, unreadable or
-    foreign file raises one :class:`SETRConfigError` line naming it.
-
-    A released SETR checkpoint (official or mmsegmentation layout) is converted in memory when ``convert_foreign``
-    (with the converter's defaults; ``data``: a preset name or a data config giving classes, palette, inference and
-    test resize; ``num_heads`` / ``out_indices``: the converter's flags, the entry points' ``convert.*`` keys), with
-    a printed line saying so; otherwise refused with the command that converts it."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file of this project as a dict (``hyper_parameters.record`` + ``state_dict``), read without
+    arbitrary unpickling (see :func:`load_torch_file`) or from ``.safetensors``. A missing, unreadable or foreign
+    file raises one :class:`SETRConfigError` line naming it; a released SETR checkpoint (official or mmsegmentation
+    layout) one that names the command converting it (:mod:`setr.convert`, which also reads them directly)."""
     path = Path(path).expanduser()
     if path.suffix == ".safetensors":
         return read_safetensors(path, map_location)
-    ckpt = load_torch_file(path, map_location=map_location)
-    from setr.convert import convert_checkpoint, is_released, summary_line
+    return own_checkpoint(load_torch_file(path, map_location=map_location), path)
 
-    if is_released(ckpt):
-        if not convert_foreign:
-            raise SETRConfigError(f"ckpt_path: {path} is a released SETR checkpoint (official / mmsegmentation "
-                                  "layout); convert it with python -m setr.convert SRC DST")
-        try:
-            ckpt, conv = convert_checkpoint(ckpt, where=str(path), data=data, num_heads=num_heads,
-                                            out_indices=out_indices)
-        except SETRConfigError as e:  # the converter's flags are the entry points' convert.* keys here
-            msg = str(e).replace("--out-indices a,b,c,d", "convert.out_indices=[a,b,c,d]")
-            msg = msg.replace("--out-indices", "convert.out_indices").replace("--num-heads", "convert.num_heads")
-            raise SETRConfigError(msg) from e
-        print(f"converted in memory (python -m setr.convert defaults): {summary_line(conv, path)}", flush=True)
-        return ckpt
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+
+def own_checkpoint(obj: Any, path: str | Path) -> dict[str, Any]:
+    """``obj`` (a loaded file) when it is a checkpoint of this project; else one line saying what it is."""
+    from setr.models.convert import is_released
+
+    if is_released(obj):
+        raise SETRConfigError(f"ckpt_path: {path} is a released SETR checkpoint (official / mmsegmentation "
+                              "layout); convert it with python -m setr.convert SRC DST")
+    if not isinstance(obj, dict) or "state_dict" not in obj:
         raise SETRConfigError(f"ckpt_path: {path} is not a checkpoint written by src/train.py (no state_dict)")
-    return ckpt
+    return obj
 
 
 def record_of(ckpt: Mapping[str, Any], path: str | Path = "checkpoint") -> ModelRecord:
@@ -274,19 +262,12 @@ def network_state(state_dict: Mapping[str, Any], prefix: str = "model.") -> dict
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu", *, convert_foreign: bool = False,
-               data: str | Mapping[str, Any] | None = None, num_heads: int | None = None,
-               out_indices: Sequence[int] | None = None) -> torch.nn.Module:
-    """The SETR network of a checkpoint (``.ckpt`` of src/train.py or setr.convert, or ``.safetensors`` of
-    setr.convert), in eval mode, with its :class:`ModelRecord` as ``model.record``.
-
-    No Lightning involved: the record rebuilds the network, the weights are loaded strictly. Works at any input
-    size (SETR resamples its position embeddings and pads to the patch size). A released SETR checkpoint is
-    refused unless ``convert_foreign`` (see :func:`read_checkpoint`)."""
+def model_from_checkpoint(ckpt: Mapping[str, Any], path: str | Path = "checkpoint",
+                          map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """The SETR network of a checkpoint dict, in eval mode, with its :class:`ModelRecord` as ``model.record``: the
+    record rebuilds the network, the weights are loaded strictly."""
     from setr.models import build_setr
 
-    ckpt = read_checkpoint(path, map_location, convert_foreign=convert_foreign, data=data, num_heads=num_heads,
-                           out_indices=out_indices)
     record = record_of(ckpt, path)
     model = build_setr(record.model)
     try:
@@ -296,3 +277,13 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu", *, co
         raise SETRConfigError(f"ckpt_path: {path}: weights do not fit the record's model ({first})") from e
     model.record = record
     return model.to(map_location).eval()
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """The SETR network of a checkpoint (``.ckpt`` of src/train.py or setr.convert, or ``.safetensors`` of
+    setr.convert), in eval mode, with its :class:`ModelRecord` as ``model.record``.
+
+    No Lightning involved. Works at any input size (SETR resamples its position embeddings and pads to the patch
+    size). A released SETR checkpoint is refused with the command that converts it
+    (:func:`setr.convert.load_model_or_convert` converts it in memory)."""
+    return model_from_checkpoint(read_checkpoint(path, map_location), path, map_location)

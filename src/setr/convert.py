@@ -26,9 +26,17 @@ from typing import Any
 
 import torch
 
-from setr.checkpoint import IMAGENET_MEAN_255, IMAGENET_STD_255, ModelRecord, load_torch_file
+from setr.checkpoint import (
+    IMAGENET_MEAN_255,
+    IMAGENET_STD_255,
+    ModelRecord,
+    load_torch_file,
+    model_from_checkpoint,
+    own_checkpoint,
+    read_checkpoint,
+)
 from setr.errors import SETRConfigError
-from setr.models.convert import Converted, convert_state_dict, detect_layout, strip_module_prefix
+from setr.models.convert import Converted, convert_state_dict, is_released, strip_module_prefix
 from setr.utils.config import plain
 
 DATA_PRESETS = ("ade20k", "cityscapes", "pascal_context", "pascal_context_59")
@@ -118,14 +126,6 @@ def split_released(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict[
     return strip_module_prefix(sd), dict(meta)
 
 
-def is_released(obj: Any) -> bool:
-    """True for a loaded official / mmseg SETR checkpoint (not one of this project's)."""
-    if not isinstance(obj, Mapping) or "record" in (obj.get("hyper_parameters") or {}):
-        return False
-    sd = obj.get("state_dict") if isinstance(obj.get("state_dict"), Mapping) else obj
-    return detect_layout(strip_module_prefix(sd)) is not None
-
-
 def convert_checkpoint(obj: Any, *, where: str = "checkpoint", data: str | Mapping[str, Any] | None = None,
                        num_heads: int | None = None, out_indices: Sequence[int] | None = None
                        ) -> tuple[dict[str, Any], Converted]:
@@ -157,6 +157,35 @@ def convert_checkpoint(obj: Any, *, where: str = "checkpoint", data: str | Mappi
                                  "converted_from": {**conv.summary(), "source": str(where)}},
             "state_dict": {f"model.{k}": v for k, v in state.items()}}
     return ckpt, conv
+
+
+def read_or_convert(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    data: str | Mapping[str, Any] | None = None, num_heads: int | None = None,
+                    out_indices: Sequence[int] | None = None) -> dict[str, Any]:
+    """A checkpoint of this project as :func:`setr.checkpoint.read_checkpoint` reads it, or a released SETR
+    checkpoint converted in memory with the converter's defaults (``data``: a preset name or a data config giving
+    classes, palette, inference and test resize; ``num_heads`` / ``out_indices``: the converter's flags, the entry
+    points' ``convert.*`` keys), with a printed line saying so. The file is read once."""
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors":
+        return read_checkpoint(path, map_location)
+    obj = load_torch_file(path, map_location=map_location)
+    if not is_released(obj):
+        return own_checkpoint(obj, path)
+    try:
+        ckpt, conv = convert_checkpoint(obj, where=str(path), data=data, num_heads=num_heads, out_indices=out_indices)
+    except SETRConfigError as e:  # the converter's flags are the entry points' convert.* keys here
+        msg = str(e).replace("--out-indices a,b,c,d", "convert.out_indices=[a,b,c,d]")
+        msg = msg.replace("--out-indices", "convert.out_indices").replace("--num-heads", "convert.num_heads")
+        raise SETRConfigError(msg) from e
+    print(f"converted in memory (python -m setr.convert defaults): {summary_line(conv, path)}", flush=True)
+    return ckpt
+
+
+def load_model_or_convert(path: str | Path, map_location: str | torch.device = "cpu", **convert: Any
+                          ) -> torch.nn.Module:
+    """:func:`setr.load_model`, converting a released SETR checkpoint in memory (see :func:`read_or_convert`)."""
+    return model_from_checkpoint(read_or_convert(path, map_location, **convert), path, map_location)
 
 
 def summary_line(conv: Converted, src: str | Path, dst: str | Path | None = None) -> str:

@@ -403,3 +403,11 @@ def convert_state_dict(sd: Mapping[str, torch.Tensor], *, num_heads: int | None 
     return Converted(model=model, state_dict=m.out, layout=layout, head=name, embed_dim=enc["embed_dim"],
                      depth=enc["depth"], num_heads=enc["num_heads"], crop=enc["crop"], num_classes=num_classes,
                      out_indices=blocks, aux_heads=len(specs), mapped=len(m.out), dropped=dropped)
+
+
+def is_released(obj: Any) -> bool:
+    """True for a loaded official / mmseg SETR checkpoint (not one of this project's)."""
+    if not isinstance(obj, Mapping) or "record" in (obj.get("hyper_parameters") or {}):
+        return False
+    sd = obj.get("state_dict") if isinstance(obj.get("state_dict"), Mapping) else obj
+    return detect_layout(strip_module_prefix(sd)) is not None

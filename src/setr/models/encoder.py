@@ -94,6 +94,8 @@ class ViTEncoder(nn.Module):
             increasing, as mmsegmentation's ``VisionTransformer(out_indices=...)``: SETR-Naive/PUP (9, 14, 19, 23)
             (auxiliary heads' blocks first, the decode head's last), SETR-MLA (5, 11, 17, 23) (the neck levels).
             Default: the last block, as mmseg's ``-1``.
+        freeze: no gradient for any of the ViT's parameters (``model.encoder.freeze``: fine-tune the neck and heads
+            only; the optimizer then has no group for them).
         patch_bias: a bias in the patch-embedding convolution (timm and the official SETR: yes; mmsegmentation's
             ViT: no).
     """
@@ -112,6 +114,7 @@ class ViTEncoder(nn.Module):
         grad_checkpointing: bool = False,
         out_indices: int | Sequence[int] = (-1,),
         patch_bias: bool = True,
+        freeze: bool = False,
     ) -> None:
         super().__init__()
         if name not in ENCODERS:
@@ -161,6 +164,10 @@ class ViTEncoder(nn.Module):
                     t.requires_grad_(False)
         if pretrained_path(pretrained) is not None:
             self.load_pretrained(pretrained)
+        if not isinstance(freeze, bool):
+            raise SETRConfigError(f"model.encoder.freeze: expected true or false, got {freeze!r}")
+        if freeze:
+            self.requires_grad_(False)
 
     # ------------------------------------------------------------------ forward
     def _prefix_tokens(self, batch: int) -> list[torch.Tensor]:

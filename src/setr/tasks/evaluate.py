@@ -1,6 +1,6 @@
 """``src/eval.py``: score a checkpoint on a dataset split with the configured inference mode.
 
-The checkpoint is read as weights only (:func:`setr.checkpoint.read_checkpoint`); ``data.inference`` of the
+The checkpoint is read as weights only (:func:`setr.convert.read_or_convert`); ``data.inference`` of the
 command line replaces the record's inference settings. A released SETR checkpoint (official fudan-zvg/SETR or
 mmsegmentation) is taken directly: converted in memory with ``python -m setr.convert``'s defaults, the data config
 giving its class names, palette and test resize (a line says so). The per-class table, CSV / JSON
@@ -18,7 +18,8 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from setr.checkpoint import network_state, read_checkpoint, record_of
+from setr.checkpoint import network_state, record_of
+from setr.convert import read_or_convert
 from setr.errors import SETRConfigError
 from setr.training import SegDataModule, SETRModule
 from setr.training.callbacks import MetricReport
@@ -40,7 +41,7 @@ def load_module(path: str | Path, inference: dict[str, Any] | None = None,
     data config) standing in for ``python -m setr.convert --data`` and ``convert`` (``num_heads``, ``out_indices``)
     for its other flags."""
     convert = dict(convert or {})
-    ckpt = read_checkpoint(path, convert_foreign=True, data=data, num_heads=convert.get("num_heads"),
+    ckpt = read_or_convert(path, data=data, num_heads=convert.get("num_heads"),
                            out_indices=convert.get("out_indices"))
     record = record_of(ckpt, path)
     if inference:

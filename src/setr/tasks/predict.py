@@ -250,7 +250,7 @@ def predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     (``model_sizes``: for each photo size "WxH", the size the network ran at)."""
     from omegaconf import DictConfig, OmegaConf
 
-    from setr.checkpoint import load_model
+    from setr.convert import load_model_or_convert
     from setr.utils.config import extras
 
     if not isinstance(cfg, DictConfig):
@@ -284,8 +284,8 @@ def predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     # one SETRConfigError line if unusable; a released SETR checkpoint is converted in memory (a line says so)
     convert = OmegaConf.to_container(cfg.convert, resolve=True) if isinstance(cfg.get("convert"), DictConfig) else {}
-    model = load_model(ckpt, map_location=device, convert_foreign=True, num_heads=convert.get("num_heads"),
-                       out_indices=convert.get("out_indices"))
+    model = load_model_or_convert(ckpt, map_location=device, num_heads=convert.get("num_heads"),
+                                  out_indices=convert.get("out_indices"))
     record = model.record
     print(f"{len(paths)} image(s) -> {out_dir} | {record.num_classes} classes | device {device} | "
           f"inference {inference_config(record, override)} | "

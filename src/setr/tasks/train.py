@@ -19,7 +19,6 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from setr.checkpoint import ModelRecord
-from setr.errors import SETRConfigError
 from setr.training import SegDataModule, SETRModule
 from setr.utils.config import (
     check_config,
@@ -83,19 +82,12 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
     extras(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = SegDataModule(plain(cfg.data), seed=cfg.seed)
-    model_cfg = plain(cfg.model)
-    encoder_cfg = model_cfg.setdefault("encoder", {})
-    freeze = encoder_cfg.pop("freeze", False)  # training settings, not part of the network the record describes
-    if not isinstance(freeze, bool):
-        raise SETRConfigError(f"model.encoder.freeze: expected true or false, got {freeze!r}")
-    record = ModelRecord.from_config({"data": cfg.data, "model": model_cfg}, class_names=datamodule.class_names,
-                                     palette=datamodule.palette)
+    record = ModelRecord.from_config(cfg, class_names=datamodule.class_names, palette=datamodule.palette)
     module = SETRModule(
         record=record,
         optimizer=plain(cfg.get("optimizer") or {"name": "sgd", "lr": 0.01}),
-        pretrained=encoder_cfg.get("pretrained"),
+        pretrained=(cfg.model.get("encoder") or {}).get("pretrained"),
         compile=bool(cfg.get("compile", False)),
-        freeze_encoder=freeze,
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     setup_wandb(cfg)

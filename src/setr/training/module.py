@@ -40,25 +40,20 @@ class SETRModule(L.LightningModule):
             when a checkpoint is loaded; not part of the record).
         compile: run the network through ``torch.compile`` (checkpoints stay free of ``_orig_mod.``).
         log_per_class: log per-class IoU as ``val/IoU/<class>``.
-        freeze_encoder: train the neck and heads only (``model.encoder.freeze``): the ViT's parameters get no
-            gradient and no optimizer group; the heads' BatchNorm statistics still train.
     """
 
     def __init__(self, record: ModelRecord | Mapping, optimizer: Mapping | None = None, pretrained: str | None = None,
-                 compile: bool = False, log_per_class: bool = True, freeze_encoder: bool = False) -> None:
+                 compile: bool = False, log_per_class: bool = True) -> None:
         super().__init__()
         if not isinstance(record, ModelRecord):
             record = ModelRecord.from_dict(plain(record))
         optimizer = plain(optimizer) or {"name": "sgd", "lr": 0.01}
         self.save_hyperparameters({"record": record.to_dict(), "optimizer": optimizer,
                                    "pretrained": str(pretrained) if pretrained else None,
-                                   "compile": bool(compile), "log_per_class": log_per_class,
-                                   "freeze_encoder": bool(freeze_encoder)})
+                                   "compile": bool(compile), "log_per_class": log_per_class})
         self.record = record
         self._pretrained = pretrained
         self.model: SETR = build_setr(copy.deepcopy(record.model))
-        if freeze_encoder:
-            self.model.encoder.requires_grad_(False)
         # a plain attribute, not a registered submodule: checkpoints never carry torch.compile's `_orig_mod.`
         object.__setattr__(self, "_forward", torch.compile(self.model) if compile else self.model)
         self.val_metrics = SegMetrics(record.num_classes, record.ignore_index)
