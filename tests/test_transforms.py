@@ -228,3 +228,39 @@ def test_photometric_distortion_is_image_only_and_seeded():
         np.testing.assert_array_equal(a["image"], b["image"])
         assert a["mask"] is mask or np.array_equal(a["mask"], mask)
     assert any(not np.array_equal(o["image"], img) for o in outs[0])
+
+
+def _mmseg_photometric_reference(img, beta=None, contrast_first=False, alpha=None, saturation=None, hue=None):
+    """A straightforward float implementation of mmseg's PhotoMetricDistortion given its draws."""
+    import cv2
+
+    def convert(x, a=1.0, b=0.0):
+        return np.clip(x.astype(np.float32) * a + b, 0, 255).astype(np.uint8)
+
+    if beta is not None:
+        img = convert(img, b=beta)
+    if contrast_first and alpha is not None:
+        img = convert(img, a=alpha)
+    if saturation is not None or hue is not None:
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        if saturation is not None:
+            hsv[..., 1] = convert(hsv[..., 1], a=saturation)
+        if hue is not None:
+            hsv[..., 0] = (hsv[..., 0].astype(np.int32) + hue) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if not contrast_first and alpha is not None:
+        img = convert(img, a=alpha)
+    return img
+
+
+def test_photometric_distortion_tables_equal_the_float_reference():
+    """The LUT implementation gives exactly the pixels of mmseg's float computation, for every step mix."""
+    import itertools
+
+    img = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    t = PhotoMetricDistortion()
+    for beta, first, alpha, sat, hue in itertools.product([None, -31.7, 12.3], [True, False], [None, 0.53, 1.41],
+                                                           [None, 0.61, 1.37], [None, -18, 7, 18]):
+        got = t.apply(img.copy(), beta=beta, contrast_first=first, alpha=alpha, saturation=sat, hue=hue)
+        expected = _mmseg_photometric_reference(img, beta, first, alpha, sat, hue)
+        np.testing.assert_array_equal(got, expected)

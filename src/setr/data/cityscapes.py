@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from setr.data.base import IGNORE_INDEX, SegDataset, check_raw_values
@@ -36,9 +37,12 @@ _LUT = cityscapes_lut()
 
 def label_ids_to_train_ids(raw: np.ndarray, path: str | Path) -> np.ndarray:
     """Map a ``*_gtFine_labelIds.png`` array (ids 0..33; 255 = the license plate's -1) to train ids
-    (0..18, 255). Any other value raises one line naming ``path``."""
+    (0..18, 255). Any other value raises one line naming ``path``. uint8 input gives uint8 (one ``cv2.LUT``
+    pass), any other int64."""
     check_raw_values(raw, lambda v: ((v >= 0) & (v < CITYSCAPES_NUM_LABEL_IDS)) | (v == IGNORE_INDEX), path,
                      f"Cityscapes labelIds are 0..{CITYSCAPES_NUM_LABEL_IDS - 1} (255 = license plate)")
+    if raw.dtype == np.uint8:
+        return cv2.LUT(raw, _LUT)
     return _LUT[raw.astype(np.int64)].astype(np.int64)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from albumentations.augmentations.crops import functional as fcrops
 from albumentations.pytorch import ToTensorV2
 
@@ -68,6 +69,21 @@ class RandomRescale(A.DualTransform):
         return ("img_scale", "ratio_range")
 
 
+def class_counts(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Pixel counts of the classes present in ``mask`` (ascending class id), ``ignore_index`` left out: what
+    ``np.unique(mask[mask != ignore_index], return_counts=True)[1]`` gives, by a histogram for uint8 labels (no
+    sort, no copy of a crop's view)."""
+    if mask.dtype == np.uint8 and mask.ndim == 2:
+        if mask.size < 2**24:  # calcHist counts in float32: exact below 2**24
+            counts = cv2.calcHist([mask], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+        else:
+            counts = np.bincount(mask.ravel(), minlength=256)
+        if 0 <= ignore_index < 256:
+            counts[ignore_index] = 0
+        return counts[counts > 0]
+    return np.unique(mask[mask != ignore_index], return_counts=True)[1]
+
+
 class CatMaxRatioCrop(A.RandomCrop):
     """Random crop of at most ``height`` x ``width`` (smaller where the image is; no padding, see the module
     docstring) whose most frequent class covers at most ``cat_max_ratio`` of the labelled pixels; up to 10 tries,
@@ -99,8 +115,7 @@ class CatMaxRatioCrop(A.RandomCrop):
             return out
         for _ in range(10):
             x1, y1, x2, y2 = out["crop_coords"]
-            crop = mask[y1:y2, x1:x2]
-            _, counts = np.unique(crop[crop != self.ignore_index], return_counts=True)
+            counts = class_counts(mask[y1:y2, x1:x2], self.ignore_index)
             if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                 break
             out = self._draw(shape)
@@ -127,20 +142,74 @@ def build_steps(steps: Sequence[Mapping] | None, key: str = "data.train_pipeline
     return transforms
 
 
+class NormalizePadToTensor(A.DualTransform):
+    """``Normalize(mean, std)`` (0-255 scale) + mmseg's ``Pad`` after it + ``ToTensorV2`` in one step.
+
+    The image comes out as a contiguous float32 ``(3, H, W)`` tensor with ``H, W`` at least ``pad_to`` (bottom and
+    right padding of 0, the mean colour after normalisation); the mask as a ``(H, W)`` tensor padded with
+    ``fill_mask``. uint8 images are normalised by one float table per channel (``(v - mean) / std`` for the 256
+    values), written straight into the padded buffer: no float HWC intermediate, no separate padding copy."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], pad_to: Sequence[int] | None = None,
+                 fill_mask: int = IGNORE_INDEX, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(v) for v in std)
+        self.pad_to = tuple(int(v) for v in pad_to) if pad_to is not None else None
+        self.fill_mask = int(fill_mask)
+        values = np.arange(256, dtype=np.float64)[:, None]
+        tables = ((values - np.float64(self.mean)) / np.float64(self.std)).astype(np.float32)
+        self._tables = [np.ascontiguousarray(tables[:, k][None]) for k in range(len(self.mean))]
+
+    def _size(self, h: int, w: int) -> tuple[int, int]:
+        return (h, w) if self.pad_to is None else (max(h, self.pad_to[0]), max(w, self.pad_to[1]))
+
+    def apply(self, img: np.ndarray, **params: Any) -> torch.Tensor:
+        if img.ndim == 2:
+            img = img[..., None]
+        h, w, c = img.shape
+        if c != len(self.mean):
+            raise SETRConfigError(f"normalisation: {len(self.mean)} mean values for an image of {c} channels")
+        ph, pw = self._size(h, w)
+        out = np.zeros((c, ph, pw), np.float32) if (ph, pw) != (h, w) else np.empty((c, h, w), np.float32)
+        if img.dtype == np.uint8:
+            for k, plane in enumerate(cv2.split(img)):
+                out[k, :h, :w] = cv2.LUT(plane, self._tables[k])
+        else:
+            norm = (img.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
+            out[:, :h, :w] = norm.transpose(2, 0, 1)
+        return torch.from_numpy(out)
+
+    def apply_to_mask(self, mask: np.ndarray, **params: Any) -> torch.Tensor:
+        h, w = mask.shape[:2]
+        ph, pw = self._size(h, w)
+        if (ph, pw) != (h, w):
+            padded = np.full((ph, pw, *mask.shape[2:]), self.fill_mask, dtype=mask.dtype)
+            padded[:h, :w] = mask
+            mask = padded
+        return torch.from_numpy(np.ascontiguousarray(mask))
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("mean", "std", "pad_to", "fill_mask")
+
+
 def build_pipeline(steps: Sequence[Mapping] | None, mean: Sequence[float], std: Sequence[float],
                    key: str = "data.train_pipeline", seed: int | None = None) -> A.Compose:
     """:func:`build_steps`, then ``Normalize(mean, std)`` (0-255 scale), the padding of every
     :class:`CatMaxRatioCrop` to its size (value 0 after normalisation = the mean colour, labels
-    :data:`IGNORE_INDEX`, bottom and right: mmseg's ``Pad`` after ``Normalize``) and ``ToTensorV2``."""
+    :data:`IGNORE_INDEX`, bottom and right: mmseg's ``Pad`` after ``Normalize``) and ``ToTensorV2``, the three fused
+    in one :class:`NormalizePadToTensor`."""
     transforms = build_steps(steps, key)
-    pads = [A.PadIfNeeded(min_height=t.height, min_width=t.width, position="top_left",
-                          border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=t.ignore_index)
-            for t in transforms if isinstance(t, CatMaxRatioCrop)]
-    transforms += [
-        A.Normalize(mean=[m / 255.0 for m in mean], std=[s / 255.0 for s in std], max_pixel_value=255.0),
-        *pads,
-        ToTensorV2(),
-    ]
+    crops = [t for t in transforms if isinstance(t, CatMaxRatioCrop)]
+    if len({t.ignore_index for t in crops}) > 1:  # crops padding labels differently: one padding step each
+        pads = [A.PadIfNeeded(min_height=t.height, min_width=t.width, position="top_left",
+                              border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=t.ignore_index) for t in crops]
+        transforms += [A.Normalize(mean=[m / 255.0 for m in mean], std=[s / 255.0 for s in std],
+                                   max_pixel_value=255.0), *pads, ToTensorV2()]
+        return A.Compose(transforms, seed=seed)
+    pad_to = (max(t.height for t in crops), max(t.width for t in crops)) if crops else None
+    fill = crops[0].ignore_index if crops else IGNORE_INDEX
+    transforms.append(NormalizePadToTensor(mean, std, pad_to=pad_to, fill_mask=fill))
     return A.Compose(transforms, seed=seed)
 
 
@@ -169,27 +238,34 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
         }
 
     @staticmethod
-    def _convert(x: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+    def _lut(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        """mmseg's ``convert`` (``clip(x * alpha + beta, 0, 255)`` in float32, truncated to uint8) of all 256 values:
+        applied with ``cv2.LUT`` it gives the very pixels of the float computation, in one uint8 pass."""
+        return np.clip(np.arange(256, dtype=np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
     def apply(self, img: np.ndarray, beta: float | None = None, contrast_first: bool = False,
               alpha: float | None = None, saturation: float | None = None, hue: int | None = None,
               **params: Any) -> np.ndarray:
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
             raise SETRConfigError(f"PhotoMetricDistortion: expects uint8 RGB images, got {img.dtype} {img.shape}")
+        # every step maps each uint8 value on its own (clipped after each): consecutive steps compose as tables
+        lut = None
         if beta is not None:
-            img = self._convert(img, beta=beta)
+            lut = self._lut(beta=beta)
         if contrast_first and alpha is not None:
-            img = self._convert(img, alpha=alpha)
+            c = self._lut(alpha=alpha)
+            lut = c if lut is None else c[lut]
+        if lut is not None:
+            img = cv2.LUT(img, lut)
         if saturation is not None or hue is not None:
-            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-            if saturation is not None:
-                hsv[..., 1] = self._convert(hsv[..., 1], alpha=saturation)
-            if hue is not None:
-                hsv[..., 0] = (hsv[..., 0].astype(np.int32) + hue) % 180
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)  # uint8: H in 0..179
+            identity = np.arange(256, dtype=np.uint8)
+            hue_lut = identity if hue is None else ((identity.astype(np.int32) + hue) % 180).astype(np.uint8)
+            sat_lut = identity if saturation is None else self._lut(alpha=saturation)
+            hsv = cv2.LUT(hsv, np.stack([hue_lut, sat_lut, identity], axis=-1)[None])
             img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if not contrast_first and alpha is not None:
-            img = self._convert(img, alpha=alpha)
+            img = cv2.LUT(img, self._lut(alpha=alpha))
         return img
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
