@@ -446,7 +446,7 @@ def test_data_config_builds_datasets_and_pipelines(trees, name):
     data = OmegaConf.to_container(_compose(overrides).data, resolve=True)
     assert data["name"] == name and data["crop_size"] == crop and data["batch_size"] == batch
     assert data["val_batch_size"] == 1 and data["val_keep_original_mask"] is True
-    assert data["inference"] == {"mode": "slide", "crop_size": crop, "stride": stride, "batch_size": 1,
+    assert data["inference"] == {"mode": "slide", "crop_size": crop, "stride": stride, "batch_size": None,
                                  "scales": [1.0], "flip": False}
     for split in ("train", "val"):
         kwargs = dict(data["dataset"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -216,8 +217,17 @@ def test_collate_keeps_lists_for_mixed_sizes():
     assert isinstance(mixed["mask"], list) and len(mixed["mask"]) == 2
 
 
+def _tiny_compiled_module() -> SETRModule:
+    """The tiny module with ``model.compile: true`` in its model config (the key src/train.py passes on)."""
+    record = _tiny_module().record
+    compiled = SETRModule(record=dataclasses.replace(record, model={**record.model, "compile": True}),
+                          optimizer={"name": "sgd", "lr": 0.01, "head_lr_mult": 10.0})
+    assert compiled.hparams.compile is True and "compile" not in compiled.hparams.record["model"]
+    return compiled
+
+
 def test_compiled_checkpoint_loads_into_uncompiled_model(tmp_path):
-    module = _tiny_module(compile=True)
+    module = _tiny_compiled_module()
     assert not any("_orig_mod" in k for k in module.state_dict()), "compiled wrapper is not a registered submodule"
     # a checkpoint written by other tools from a compiled model carries the prefix
     state = {k.replace("model.", "model._orig_mod.", 1): v for k, v in module.state_dict().items()}
@@ -231,13 +241,13 @@ def test_compiled_checkpoint_loads_into_uncompiled_model(tmp_path):
 
 @pytest.mark.slow
 def test_compile_really_compiles_and_trains_a_step():
-    """compile=true: torch.compile (inductor, CPU) compiles the network and a training step runs through the
+    """model.compile=true: torch.compile (inductor, CPU) compiles the network and a training step runs through the
     compiled code, giving the eager step's loss and gradients."""
     import torch._dynamo
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    compiled = _tiny_module(compile=True).train()
+    compiled = _tiny_compiled_module().train()
     eager = _tiny_module().train()
     eager.load_state_dict(compiled.state_dict())
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))

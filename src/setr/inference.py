@@ -4,8 +4,9 @@
 ``predict.py`` all go through it. ``cfg`` is the ``data.inference`` node:
 
 * ``mode``: ``whole`` (one forward of the full image) or ``slide`` (windows of ``crop_size`` every ``stride``
-  pixels, ``batch_size`` windows per forward, overlapping logits averaged; images smaller than the crop are
-  padded and cropped back — mmsegmentation's ``slide_inference``);
+  pixels, ``batch_size`` windows per forward (null / ``auto``, the default: sized from the device, see
+  :func:`auto_windows`), overlapping logits averaged; images smaller than the crop are padded and cropped back —
+  mmsegmentation's ``slide_inference``); logits are float32 whatever precision the network runs in;
 * ``scales`` (ratios, default ``[1.0]``) and ``flip``: multi-scale + horizontal-flip testing; the output of every
   scale/flip is resized to ``out_size`` and averaged. Without ``img_scale`` a ratio scales the input size.
 * ``img_scale: [long, short]``: a ratio ``r`` resizes the input as mmsegmentation's keep-ratio ``Resize`` to the
@@ -58,8 +59,62 @@ def _pair(v, key: str) -> tuple[int, int]:
     return v
 
 
-def slide(model, images: torch.Tensor, crop_size, stride, batch_size: int = 1) -> torch.Tensor:
-    """Sliding-window logits at the input size (mmseg grid: ``max(h - crop + stride - 1, 0) // stride + 1``)."""
+# windows per forward on a CPU when data.inference.batch_size is null / auto (measured: README "Inference modes")
+CPU_WINDOWS = 8
+MAX_WINDOWS = 64  # cap of the CUDA estimate: past this the GPU is saturated and only memory is spent
+AUTO = ("auto", None)
+
+
+def check_batch_size(value: Any) -> int | None:
+    """``data.inference.batch_size``: a positive int, or None for ``null`` / ``auto`` (see :func:`auto_windows`)."""
+    if value in AUTO:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SETRConfigError(f"data.inference.batch_size: expected a positive number of windows per forward, "
+                              f"null or auto, got {value!r}")
+    return value
+
+
+def _model_width(model) -> tuple[int, int, int]:
+    """(embed dim, patch size, number of classes) of a SETR network (plain, compiled or in a Lightning module);
+    ViT-L / 16 / 150 when they cannot be read (a traced or exported graph)."""
+    net = getattr(model, "_orig_mod", model)
+    net = getattr(net, "model", net) if not hasattr(net, "encoder") else net
+    enc = getattr(net, "encoder", None)
+    dim = int(getattr(enc, "embed_dim", 1024) or 1024)
+    patch = int(getattr(enc, "patch_size", 16) or 16)
+    classes = int(getattr(net, "num_classes", 0) or 150)
+    return dim, patch, classes
+
+
+def window_bytes(model, crop: tuple[int, int], elem: int = 4) -> int:
+    """A generous estimate of the memory one window of ``crop`` needs in an inference forward: the widest
+    transformer activations (tokens x dim x (qkv 3 + MLP 4 + residuals), with the attention matrix of the math
+    path) plus the head's full-resolution maps (logits of every class and the upsampled features)."""
+    dim, patch, classes = _model_width(model)
+    tokens = (-(-crop[0] // patch)) * (-(-crop[1] // patch))
+    encoder = tokens * dim * 12 + tokens * tokens * 4
+    head = crop[0] * crop[1] * (2 * classes + 128)
+    return elem * (encoder + head)
+
+
+def auto_windows(model, images: torch.Tensor, crop: tuple[int, int], n_windows: int) -> int:
+    """Windows per forward when ``data.inference.batch_size`` is null / ``auto``: on CUDA as many as half the
+    free memory holds (``torch.cuda.mem_get_info`` over :func:`window_bytes`, at most :data:`MAX_WINDOWS` images
+    per forward), on other devices :data:`CPU_WINDOWS`; never more than the image has, at least 1."""
+    b = images.shape[0]
+    if images.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(images.device)
+        crops = int(free * 0.5 // max(1, window_bytes(model, crop)))
+        windows = min(crops, MAX_WINDOWS) // max(1, b)
+    else:
+        windows = CPU_WINDOWS
+    return max(1, min(windows, n_windows))
+
+
+def slide(model, images: torch.Tensor, crop_size, stride, batch_size: int | str | None = None) -> torch.Tensor:
+    """Sliding-window logits at the input size (mmseg grid: ``max(h - crop + stride - 1, 0) // stride + 1``),
+    ``batch_size`` windows (of every image of the batch) per forward; None / ``auto``: :func:`auto_windows`."""
     ch, cw = _pair(crop_size, "crop_size")
     sh, sw = _pair(stride, "stride")
     b, _, h, w = images.shape
@@ -74,14 +129,17 @@ def slide(model, images: torch.Tensor, crop_size, stride, batch_size: int = 1) -
         for c in range(cols):
             y1, x1 = min(r * sh, max(H - ch, 0)), min(c * sw, max(W - cw, 0))
             boxes.append((y1, x1, min(y1 + ch, H), min(x1 + cw, W)))
+    per = check_batch_size(batch_size)
+    if per is None:
+        per = auto_windows(model, images, (ch, cw), len(boxes))
     logits = None
     count = images.new_zeros((1, 1, H, W))
-    for i in range(0, len(boxes), max(1, int(batch_size))):
-        chunk = boxes[i : i + max(1, int(batch_size))]
+    for i in range(0, len(boxes), per):
+        chunk = boxes[i : i + per]
         crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, x1, y2, x2 in chunk])
         out = model(crops)
         if logits is None:
-            logits = images.new_zeros((b, out.shape[1], H, W))
+            logits = images.new_zeros((b, out.shape[1], H, W), dtype=torch.float32)
         for k, (y1, x1, y2, x2) in enumerate(chunk):
             logits[:, :, y1:y2, x1:x2] += out[k * b : (k + 1) * b]
             count[:, :, y1:y2, x1:x2] += 1
@@ -118,6 +176,7 @@ def _check(cfg: Mapping) -> tuple[str, list[float], list[bool], str]:
     average = cfg.get("average") or "logits"
     if average not in AVERAGES:
         raise SETRConfigError(f"data.inference.average: {average!r}; choose one of {', '.join(AVERAGES)}")
+    check_batch_size(cfg.get("batch_size"))
     if cfg.get("img_scale") is not None:
         _pair(cfg["img_scale"], "img_scale")
     if cfg.get("min_short") is not None and (not isinstance(cfg["min_short"], int) or cfg["min_short"] < 1):
@@ -144,9 +203,9 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = No
         for flip in flips:
             xi = x.flip(-1) if flip else x
             if mode == "slide":
-                lg = slide(model, xi, cfg["crop_size"], cfg["stride"], int(cfg.get("batch_size", 1) or 1))
+                lg = slide(model, xi, cfg["crop_size"], cfg["stride"], cfg.get("batch_size"))
             else:
-                lg = model(xi)
+                lg = model(xi).float()
             if flip:
                 lg = lg.flip(-1)
             if tuple(lg.shape[-2:]) != target:

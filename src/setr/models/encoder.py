@@ -89,7 +89,12 @@ class ViTEncoder(nn.Module):
         arch: optional overrides of the architecture (``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``),
             e.g. for tiny test models.
         pretrained: a local ImageNet ViT weights file (see :meth:`load_pretrained`), or None / ``none``.
-        grad_checkpointing: recompute block activations in the backward pass to save memory.
+        grad_checkpointing: recompute block activations in the backward pass to save memory (training only):
+            false, true (every block) or an integer ``k``: every k-th block (0-based blocks ``0, k, 2k, ...``;
+            ``ceil(depth / k)`` blocks; 1 = true, 0 = false).
+        fused_attn: attention through ``torch.nn.functional.scaled_dot_product_attention`` (timm's fused path,
+            flash / memory-efficient kernels) in every block; false: timm's math path (``softmax(q k^T) v``,
+            the benchmark's baseline). Same result within float rounding.
         out_indices: the blocks whose outputs :meth:`forward` returns, 0-based (negative counts from the end),
             increasing, as mmsegmentation's ``VisionTransformer(out_indices=...)``: SETR-Naive/PUP (9, 14, 19, 23)
             (auxiliary heads' blocks first, the decode head's last), SETR-MLA (5, 11, 17, 23) (the neck levels).
@@ -111,7 +116,8 @@ class ViTEncoder(nn.Module):
         drop_path_rate: float = 0.0,
         arch: dict | None = None,
         pretrained: str | None = None,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | int = False,
+        fused_attn: bool = True,
         out_indices: int | Sequence[int] = (-1,),
         patch_bias: bool = True,
         freeze: bool = False,
@@ -154,6 +160,7 @@ class ViTEncoder(nn.Module):
         self.drop_prefix_tokens = drop_prefix_tokens
         self.pos_embed_interp = pos_embed_interp
         self.grad_checkpointing = grad_checkpointing
+        self.set_fused_attn(fused_attn)
         self.out_indices: list[int] = []
         self.set_out_indices(out_indices)
         if drop_prefix_tokens:
@@ -217,7 +224,7 @@ class ViTEncoder(nn.Module):
         wanted: dict[int, torch.Tensor | None] = dict.fromkeys(idx)
         last = max(idx)
         for i, block in enumerate(self.vit.blocks):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if i in self._checkpointed and self.training and torch.is_grad_enabled():
                 tokens = torch.utils.checkpoint.checkpoint(block, tokens, use_reentrant=False)
             else:
                 tokens = block(tokens)
@@ -226,6 +233,39 @@ class ViTEncoder(nn.Module):
             if i == last:
                 break
         return [wanted[i] for i in idx]
+
+    @property
+    def grad_checkpointing(self) -> bool | int:
+        """false, true or k (checkpoint every k-th block); setting it validates and picks the blocks."""
+        return self._grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, value: bool | int) -> None:
+        if isinstance(value, bool):
+            every = int(value)
+        elif isinstance(value, int) and value >= 0:
+            every = value
+        else:
+            raise SETRConfigError(f"model.encoder.grad_checkpointing: expected false, true or a block interval k >= 0 "
+                                  f"(checkpoint every k-th block), got {value!r}")
+        self._grad_checkpointing = value
+        self._checkpointed = frozenset(range(0, self.depth, every)) if every else frozenset()
+
+    @property
+    def checkpointed_blocks(self) -> list[int]:
+        """0-based ids of the blocks whose activations are recomputed in the backward pass (training only)."""
+        return sorted(self._checkpointed)
+
+    def set_fused_attn(self, fused: bool) -> None:
+        """Switch every block's attention between the fused kernel (``scaled_dot_product_attention``) and timm's
+        math path (``model.encoder.fused_attn``)."""
+        if not isinstance(fused, bool):
+            raise SETRConfigError(f"model.encoder.fused_attn: expected true or false, got {fused!r}")
+        for block in self.vit.blocks:
+            attn = getattr(block, "attn", None)
+            if attn is not None and hasattr(attn, "fused_attn"):
+                attn.fused_attn = fused
+        self.fused_attn = fused
 
     def resolve_block(self, i: int, key: str | None = None) -> int:
         """0-based block id of ``i`` (negative counts from the end); ``key`` names the config entry in errors."""

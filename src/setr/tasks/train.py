@@ -19,6 +19,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from setr.checkpoint import ModelRecord
+from setr.errors import SETRConfigError
 from setr.training import SegDataModule, SETRModule
 from setr.utils.config import (
     check_config,
@@ -75,6 +76,19 @@ def build_callbacks(cfg: DictConfig, loggers: list[Any]) -> list[L.Callback]:
     return callbacks
 
 
+def _compile_flag(cfg: DictConfig) -> bool:
+    """``model.compile`` (torch.compile the network). The old top-level ``compile`` key is refused with the new
+    name, so a stale override never silently trains uncompiled."""
+    if "compile" in cfg:
+        raise SETRConfigError("compile: moved to model.compile (e.g. `model.compile=true`)")
+    value = cfg.model.get("compile", False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise SETRConfigError(f"model.compile: expected true or false, got {value!r}")
+    return value
+
+
 def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
     check_config(cfg)
     if cfg.get("train", True):
@@ -87,7 +101,7 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
         record=record,
         optimizer=plain(cfg.get("optimizer") or {"name": "sgd", "lr": 0.01}),
         pretrained=(cfg.model.get("encoder") or {}).get("pretrained"),
-        compile=bool(cfg.get("compile", False)),
+        compile=_compile_flag(cfg),
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     setup_wandb(cfg)

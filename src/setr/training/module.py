@@ -13,6 +13,7 @@ report callback (:class:`setr.training.callbacks.MetricReport`) reads the same a
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,11 +23,27 @@ import torch.nn.functional as F
 from torchmetrics import MaxMetric
 
 from setr.checkpoint import ModelRecord, strip_compile_prefix
+from setr.errors import SETRConfigError
 from setr.inference import infer
 from setr.metrics import SegMetrics
 from setr.models import SETR, build_setr
 from setr.training.optim import build_optimizer, build_scheduler
 from setr.utils.config import plain
+
+
+def pop_compile(record: ModelRecord, compile: bool | None = None) -> tuple[ModelRecord, bool]:
+    """``record`` without ``model.compile``, and whether to compile: ``compile`` when given, else that key."""
+    model = dict(record.model)
+    from_cfg = model.pop("compile", False)
+    if from_cfg is None:
+        from_cfg = False
+    if not isinstance(from_cfg, bool):
+        raise SETRConfigError(f"model.compile: expected true or false, got {from_cfg!r}")
+    if compile is None:
+        compile = from_cfg
+    elif not isinstance(compile, bool):
+        raise SETRConfigError(f"model.compile: expected true or false, got {compile!r}")
+    return dataclasses.replace(record, model=model), compile
 
 
 class SETRModule(L.LightningModule):
@@ -38,15 +55,18 @@ class SETRModule(L.LightningModule):
         optimizer: the ``optimizer`` node (``name``, ``lr``, ``head_lr_mult``, ``scheduler``, ...).
         pretrained: a local ImageNet weights file for the encoder, loaded once at the start of fitting (never
             when a checkpoint is loaded; not part of the record).
-        compile: run the network through ``torch.compile`` (checkpoints stay free of ``_orig_mod.``).
+        compile: run the network through ``torch.compile`` (checkpoints stay free of ``_orig_mod.``); None: the
+            record's ``model.compile`` (``model.compile=true``), which is taken out of the record (a run setting,
+            not part of what the weights are: checkpoints and ``setr.load_model`` never see it).
         log_per_class: log per-class IoU as ``val/IoU/<class>``.
     """
 
     def __init__(self, record: ModelRecord | Mapping, optimizer: Mapping | None = None, pretrained: str | None = None,
-                 compile: bool = False, log_per_class: bool = True) -> None:
+                 compile: bool | None = None, log_per_class: bool = True) -> None:
         super().__init__()
         if not isinstance(record, ModelRecord):
             record = ModelRecord.from_dict(plain(record))
+        record, compile = pop_compile(record, compile)
         optimizer = plain(optimizer) or {"name": "sgd", "lr": 0.01}
         self.save_hyperparameters({"record": record.to_dict(), "optimizer": optimizer,
                                    "pretrained": str(pretrained) if pretrained else None,
@@ -77,12 +97,15 @@ class SETRModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------- train
     def compute_loss(self, outputs: dict[str, Any],
                      target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted cross-entropy of the decode and auxiliary logits, always in float32 (under
+        ``trainer.precision=bf16-mixed`` / ``16-mixed`` the network's logits are half precision: the softmax and
+        the mean over pixels are not)."""
         ignore = self.record.ignore_index
-        main = F.cross_entropy(outputs["out"], target, ignore_index=ignore)
+        main = F.cross_entropy(outputs["out"].float(), target, ignore_index=ignore)
         parts = {"loss_main": main}
         total = main
         for i, (logits, w) in enumerate(zip(outputs["aux"], self.model.aux_weights)):
-            aux = F.cross_entropy(logits, target, ignore_index=ignore)
+            aux = F.cross_entropy(logits.float(), target, ignore_index=ignore)
             parts[f"loss_aux{i}"] = aux
             total = total + w * aux
         if not torch.isfinite(total):
@@ -115,12 +138,13 @@ class SETRModule(L.LightningModule):
     # -------------------------------------------------------------------------------------- evaluation
     def predict_logits(self, images: torch.Tensor | list[torch.Tensor],
                        out_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Logits per image through the record's inference settings, each resized to its label size."""
+        """Float32 logits per image through the record's inference settings, each resized to its label size (the
+        loss, argmax and metrics of evaluation run on them in float32 under mixed precision too)."""
         inf = self.record.inference
         if isinstance(images, torch.Tensor) and len({tuple(s) for s in out_sizes}) == 1:
-            logits = infer(self._forward, images, inf, out_size=out_sizes[0])
+            logits = infer(self._forward, images, inf, out_size=out_sizes[0]).float()
             return list(logits)
-        return [infer(self._forward, img[None], inf, out_size=size)[0] for img, size in zip(images, out_sizes)]
+        return [infer(self._forward, img[None], inf, out_size=size)[0].float() for img, size in zip(images, out_sizes)]
 
     def _eval_step(self, batch: dict[str, Any], metrics: SegMetrics, prefix: str) -> list[torch.Tensor]:
         masks = batch["mask"]
