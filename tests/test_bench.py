@@ -1,0 +1,78 @@
+"""src/bench.py: the setting-vs-baseline speed table and its JSON line (shapes and keys only, never a speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from setr.tasks.bench import HEADERS, MEASURES, Variant, measures_of, peak_tflops
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model/encoder=vit_test", "data.crop_size=64", "data.batch_size=2", "bench.image_size=64",
+        "bench.rounds=1", "bench.warmup=1", "bench.steps_per_round=1", "bench.data_images=2",
+        "data.ms_ratios=[0.5,1.0]", "bench.device=cpu"]
+
+
+def _bench(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), *overrides], cwd=ROOT, text=True,
+                          capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+
+
+def test_bench_entry_point_tiny():
+    proc = _bench(*TINY, "model.encoder.grad_checkpointing=2", "+data.inference.batch_size=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for header in HEADERS:
+        assert header in proc.stdout
+    for _, label, _ in MEASURES:
+        assert label in proc.stdout
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"device", "gpu", "torch", "batch_size", "crop_size", "image_size", "rounds", "warmup", "steps_per_round",
+            "setting", "baseline", "train_gflops_per_step", "data_pipeline", "measures"} <= set(last)
+    assert last["device"] == "cpu" and last["gpu"] is None and last["train_gflops_per_step"] is None
+    assert last["batch_size"] == 2 and last["crop_size"] == [64, 64] and last["image_size"] == [64, 64]
+    assert last["setting"]["grad_checkpointing"] == 2 and last["setting"]["fused_attn"] is True
+    assert last["setting"]["slide_batch_size"] == "auto" and last["setting"]["slide_windows_per_forward"] >= 1
+    assert last["baseline"] == {"precision": "32-true", "fused_attn": False, "grad_checkpointing": False,
+                                "compile": False, "slide_batch_size": 1, "slide_windows_per_forward": 1,
+                                "peak_tflops": None}
+    measures = last["measures"]
+    assert set(measures) == {name for name, _, _ in MEASURES}
+    for name, m in measures.items():
+        assert set(m) == {"setting", "baseline", "ratio"}
+        assert set(m["setting"]) == set(m["baseline"]) == {"min", "median"}
+        if name == "mfu" or (last["data_pipeline"] is None and name.startswith(("data_", "workers_"))):
+            assert m["ratio"] is None  # CPU: no MFU
+        else:
+            assert m["setting"]["min"] > 0 and m["baseline"]["median"] > 0 and m["ratio"] > 0, name
+
+
+def test_bench_bad_values_are_one_line():
+    bad = _bench("bench.rounds=0")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")] == [
+        "error: bench.rounds: expected an integer >= 1, got 0"]
+    prec = _bench("trainer.precision=64-true")
+    assert prec.returncode == 2 and "error: trainer.precision:" in prec.stderr
+
+
+def test_ratio_direction_and_peaks():
+    def variant(**results: list[float]) -> Variant:
+        return Variant(name="x", precision="32-true", model_cfg={}, fused_attn=None, grad_checkpointing=False,
+                       compile=False, data={}, optimizer={}, results=results)
+
+    m = measures_of(variant(train_steps_per_s=[2.0, 4.0, 3.0], train_peak_mem_mb=[50.0]),
+                    variant(train_steps_per_s=[1.0, 1.5], train_peak_mem_mb=[100.0]))
+    assert m["train_steps_per_s"]["setting"] == {"min": 2.0, "median": 3.0}
+    assert m["train_steps_per_s"]["ratio"] == pytest.approx(3.0 / 1.25)  # > 1: the setting is faster
+    assert m["train_peak_mem_mb"]["ratio"] == pytest.approx(2.0)  # > 1: the setting needs less
+    assert m["mfu"] == {"setting": {"min": None, "median": None}, "baseline": {"min": None, "median": None},
+                        "ratio": None}
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16-mixed") == 312.0
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16-mixed") == 756.0
+    assert peak_tflops("Some GPU", "bf16-mixed") is None and peak_tflops(None, "32-true") is None
+    assert peak_tflops("Some GPU", "bf16-mixed", override=100) == 100.0
