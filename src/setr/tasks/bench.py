@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from setr.errors import SETRConfigError
+from setr.utils.config import size_pair
 from setr.utils.launch import task_wrapper
 from setr.utils.output import print_last_line
 
@@ -85,18 +86,6 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 
 
 # ------------------------------------------------------------------------------------------- config
-def _pair(value: Any, key: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise SETRConfigError(f"{key}: expected a size or [height, width], got {value!r}") from None
-    if h <= 0 or w <= 0:
-        raise SETRConfigError(f"{key}: sizes must be positive, got {value!r}")
-    return h, w
-
-
 def _positive_int(opts: Mapping[str, Any], key: str, minimum: int = 1) -> int:
     v = opts.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
@@ -107,11 +96,11 @@ def _positive_int(opts: Mapping[str, Any], key: str, minimum: int = 1) -> int:
 def image_size_of(opts: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[int, int]:
     """``bench.image_size``, or the data config's ``test_scale`` ([long, short]) as (short, long)."""
     if opts.get("image_size") is not None:
-        return _pair(opts["image_size"], "bench.image_size")
+        return size_pair(opts["image_size"], "bench.image_size")
     scale = data.get("test_scale")
     if scale is None:
-        return _pair(data["crop_size"], "data.crop_size")
-    long, short = _pair(scale, "data.test_scale")
+        return size_pair(data["crop_size"], "data.crop_size")
+    long, short = size_pair(scale, "data.test_scale")
     return min(long, short), max(long, short)
 
 
@@ -381,7 +370,7 @@ def inference_fns(v: Variant, device: torch.device, size: tuple[int, int]) -> di
         x = x.to(torch.bfloat16)
     inf = dict(data.get("inference") or {})
     crop = inf.get("crop_size") or data["crop_size"]
-    ch, cw = _pair(crop, "data.inference.crop_size")
+    ch, cw = size_pair(crop, "data.inference.crop_size")
     stride = inf.get("stride") or [max(1, ch * 2 // 3), max(1, cw * 2 // 3)]
     slide_cfg = {"mode": "slide", "crop_size": [ch, cw], "stride": stride, "batch_size": v.slide_batch_size}
     v.windows = windows_per_forward(v, size, (ch, cw), stride, device)
@@ -532,7 +521,7 @@ def bench(cfg) -> dict[str, Any]:
 
     setting = variant_of(cfg, "setting")
     baseline = variant_of(baseline_config(cfg), "baseline")
-    crop = _pair(setting.data["crop_size"], "data.crop_size")
+    crop = size_pair(setting.data["crop_size"], "data.crop_size")
     batch = int(setting.data.get("batch_size") or 1)
     size = image_size_of(opts, setting.data)
     total_steps = (warmup + rounds * steps) * 2 + 10

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from setr.errors import SETRConfigError
 from setr.models.summary import build_meta_model, summarize_model
+from setr.utils.config import size_pair
 from setr.utils.launch import task_wrapper
 from setr.utils.output import print_last_line
 
@@ -52,18 +52,6 @@ def render_table(summary: Mapping[str, Any], title: str, input_size: Sequence[in
 
 
 # ------------------------------------------------------------------------------------------- the task
-def _input_size(value: Any, key: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise SETRConfigError(f"{key}: expected a size or [height, width], got {value!r}") from None
-    if h <= 0 or w <= 0:
-        raise SETRConfigError(f"{key}: sizes must be positive, got {value!r}")
-    return h, w
-
-
 def summarize(cfg) -> dict[str, Any]:
     """Print the summary table of the composed config ``cfg`` and return the JSON line's dict."""
     from omegaconf import OmegaConf
@@ -80,7 +68,7 @@ def summarize(cfg) -> dict[str, Any]:
     size_key = "summary.input_size"
     if size_value is None:
         size_value, size_key = cfg.data.get("crop_size"), "data.crop_size"
-    input_size = _input_size(size_value, size_key) if want_flops else None
+    input_size = size_pair(size_value, size_key) if want_flops else None
 
     model = build_meta_model(model_cfg)
     summary = summarize_model(model, input_size, flops=want_flops)

@@ -129,3 +129,16 @@ def instantiate_trainer(trainer_cfg: Mapping, **kwargs: Any) -> Any:
     except Exception as e:
         cause = e.__cause__ or e
         raise SETRConfigError(f"trainer: {str(cause).splitlines()[0]}") from e
+
+
+def size_pair(value: Any, key: str) -> tuple[int, int]:
+    """An int or ``[height, width]`` config value as a positive ``(height, width)``; one line naming ``key`` else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise SETRConfigError(f"{key}: expected a size or [height, width], got {value!r}") from None
+    if h <= 0 or w <= 0:
+        raise SETRConfigError(f"{key}: sizes must be positive, got {value!r}")
+    return h, w
