@@ -76,21 +76,10 @@ def build_callbacks(cfg: DictConfig, loggers: list[Any]) -> list[L.Callback]:
     return callbacks
 
 
-def _compile_flag(cfg: DictConfig) -> bool:
-    """``model.compile`` (torch.compile the network). The old top-level ``compile`` key is refused with the new
-    name, so a stale override never silently trains uncompiled."""
-    if "compile" in cfg:
-        raise SETRConfigError("compile: moved to model.compile (e.g. `model.compile=true`)")
-    value = cfg.model.get("compile", False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise SETRConfigError(f"model.compile: expected true or false, got {value!r}")
-    return value
-
-
 def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
     check_config(cfg)
+    if "compile" in cfg:  # a stale override must not silently train uncompiled
+        raise SETRConfigError("compile: moved to model.compile (e.g. `model.compile=true`)")
     if cfg.get("train", True):
         check_pretrained(cfg)  # a missing ImageNet weights file stops here, before any data or model is built
     extras(cfg)
@@ -101,8 +90,7 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
         record=record,
         optimizer=plain(cfg.get("optimizer") or {"name": "sgd", "lr": 0.01}),
         pretrained=(cfg.model.get("encoder") or {}).get("pretrained"),
-        compile=_compile_flag(cfg),
-    )
+    )  # model.compile: read (and checked) from the record by SETRModule
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     setup_wandb(cfg)
     loggers = instantiate_group(cfg.get("logger"), "logger")
