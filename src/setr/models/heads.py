@@ -55,11 +55,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from setr.models.norm import ChannelLayerNorm, build_norm
 from setr.models.registry import HEADS, NECKS
+from setr.models.resize import resize
 
 # conv-stage keys of the up heads: a model preset (setr_small) sets them for its PUP head, and they must not
 # break a head type without conv stages swapped in for it (model/head=mla): those types accept and drop them
@@ -140,7 +140,7 @@ class UpHead(nn.Module):
         for stage, scale in zip(self.stages, self.up_scales):
             x = stage(x)
             if scale > 1:
-                x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+                x = resize(x, scale_factor=scale, align_corners=False)
         return self.cls(x)
 
 
@@ -208,7 +208,7 @@ class MLAHead(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         outs = [
-            F.interpolate(b(f), scale_factor=self.up_scale, mode="bilinear", align_corners=self.align_corners)
+            resize(b(f), scale_factor=self.up_scale, align_corners=self.align_corners)
             for b, f in zip(self.branches, feats)
         ]
         return self.cls(torch.cat(outs, dim=1))

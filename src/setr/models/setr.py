@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import setr.models.heads  # noqa: F401  (registers the head and neck types in HEADS and NECKS)
@@ -20,6 +19,7 @@ from setr.errors import SETRConfigError
 from setr.models.encoder import ViTEncoder, pad_to_patch
 from setr.models.norm import NORM_LAYERS
 from setr.models.registry import HEADS, NECKS
+from setr.models.resize import resize
 
 
 def select_inputs(feats: Sequence[torch.Tensor], in_index: int | Sequence[int]):
@@ -97,7 +97,7 @@ class SETR(nn.Module):
 
         def to_input(logits: torch.Tensor) -> torch.Tensor:
             if logits.shape[-2:] != size:
-                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                logits = resize(logits, size=size, align_corners=False)
             return logits[..., :h, :w]
 
         out = to_input(self.decode_head(select_inputs(feats, self.decode_head.in_index)))

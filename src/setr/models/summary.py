@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from setr.errors import SETRConfigError
+from setr.models.resize import plain_interpolate
 
 PARTS = ("encoder", "neck", "decode_head", "auxiliary_heads")
 
@@ -55,7 +56,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int], training: bool = Fa
     model.train(training)
     counter = FlopCounterMode(display=False)
     try:
-        with torch.no_grad(), counter:
+        with torch.no_grad(), plain_interpolate(), counter:  # resizing is not counted, whichever way it runs
             model(x)
     finally:
         model.train(was_training)

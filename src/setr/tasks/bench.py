@@ -402,6 +402,44 @@ def timed(fn: Callable[[], None], steps: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+# ------------------------------------------------------------------------------------------ profile
+def profile_train(step: Callable[[], None], steps: int, device: torch.device, rows: int,
+                  step_ms: float) -> list[dict[str, Any]]:
+    """The ``rows`` operators and kernels with the most self time (device time on CUDA, CPU time otherwise) over
+    ``steps`` training steps under :mod:`torch.profiler`, as ``{"name", "self_ms", "share", "calls"}``:
+    ``self_ms`` per step, ``share`` of ``step_ms`` (the measured step time; on CUDA an operator and the kernels
+    it launched are both listed, so shares do not add up to 1)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    events = prof.key_averages()
+
+    def self_us(e: Any) -> float:
+        if device.type == "cuda":
+            return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0))
+        return float(e.self_cpu_time_total)
+
+    top = sorted(events, key=self_us, reverse=True)[:rows]
+    return [{"name": e.key, "self_ms": self_us(e) / 1e3 / steps, "share": self_us(e) / 1e3 / steps / step_ms,
+             "calls": int(e.count) // steps} for e in top if self_us(e) > 0]
+
+
+def render_profile(rows: Sequence[Mapping[str, Any]], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for h in ("operator", "self ms / step", "share of the step", "calls / step"):
+        table.add_column(h, justify="left" if h == "operator" else "right")
+    for r in rows:
+        table.add_row(r["name"][:70], f"{r['self_ms']:.2f}", f"{100 * r['share']:.1f} %", str(r["calls"]))
+    return table
+
+
 # ---------------------------------------------------------------------------------------------- MFU
 def peak_tflops(gpu: str | None, precision: str, override: float | None = None) -> float | None:
     """The GPU's dense peak TFLOP/s for ``precision`` (tf32 when fp32 matmuls may use it), or None."""
@@ -513,6 +551,11 @@ def bench(cfg) -> dict[str, Any]:
     warmup = _positive_int(opts, "warmup", 0)
     steps = _positive_int(opts, "steps_per_round")
     data_images = _positive_int(opts, "data_images")
+    profile_rows = _positive_int(opts, "profile", 0)
+    skip = set(opts.get("skip") or [])
+    known = {"whole", "slide", "ms_flip", "data"}
+    if not skip <= known:
+        raise SETRConfigError(f"bench.skip: unknown measure(s) {sorted(skip - known)}; choose from {sorted(known)}")
     device = resolve_device(opts.get("device"))
     if "fused_attn" not in (cfg.model.get("encoder") or {}) and not _encoder_accepts("fused_attn"):
         log.info("model.encoder.fused_attn: not in this tree's config yet; the setting keeps timm's default and "
@@ -530,7 +573,8 @@ def bench(cfg) -> dict[str, Any]:
     fns: dict[str, dict[str, Callable[[], None]]] = {}
     for v in (setting, baseline):
         build_variant(v, device, total_steps)
-        fns[v.name] = {"train": train_step_fn(v, device, batch, crop), **inference_fns(v, device, size)}
+        fns[v.name] = {"train": train_step_fn(v, device, batch, crop),
+                       **{k: f for k, f in inference_fns(v, device, size).items() if k not in skip}}
     log.info("bench: %s, setting %s, baseline %s; warm-up %d, %d rounds x %d steps", gpu or device.type,
              setting.describe(), baseline.describe(), warmup, rounds, steps)
     for v in (setting, baseline):
@@ -548,6 +592,8 @@ def bench(cfg) -> dict[str, Any]:
             res.setdefault("train_images_per_s", []).append(batch / sec)
             res.setdefault("train_peak_mem_mb", []).append(mem.peak_mb)
             for mode in ("whole", "slide", "ms_flip"):
+                if mode in skip:
+                    continue
                 res.setdefault(f"{mode}_images_per_s", []).append(1 / timed(fns[v.name][mode], steps, device))
         log.info("bench: round %d/%d done", r + 1, rounds)
 
@@ -560,7 +606,11 @@ def bench(cfg) -> dict[str, Any]:
     if device.type == "cuda" and flops is not None and not setting.peak:
         log.info("mfu: no dense peak known for %r; give bench.peak_tflops", gpu)
 
-    data_run = data_throughput(setting.data, data_images, int(cfg.get("seed", 42)))
+    profiled = None
+    if profile_rows:
+        step_ms = 1e3 / statistics.median(setting.results["train_steps_per_s"])
+        profiled = profile_train(fns["setting"]["train"], steps, device, profile_rows, step_ms)
+    data_run = None if "data" in skip else data_throughput(setting.data, data_images, int(cfg.get("seed", 42)))
     if data_run is not None:
         per_worker = float(data_run["images_per_s"])
         for v in (setting, baseline):
@@ -583,6 +633,9 @@ def bench(cfg) -> dict[str, Any]:
     if not console.is_terminal:
         console = Console(width=140)
     console.print(render_table(measures, title, caption))
+    if profiled is not None:
+        console.print(render_profile(profiled, f"profile of the setting's training step ({steps} steps, self "
+                                               f"{'device' if device.type == 'cuda' else 'CPU'} time)"))
     return {
         "device": device.type,
         "gpu": gpu,
@@ -598,6 +651,7 @@ def bench(cfg) -> dict[str, Any]:
         "train_gflops_per_step": None if flops is None else flops * batch / 1e9,
         "data_pipeline": data_run,
         "measures": measures,
+        "profile": profiled,
     }
 
 
