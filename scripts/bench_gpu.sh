@@ -3,7 +3,7 @@
 # `python src/bench.py` (setting and baseline interleaved in one process) or one short training run; each has its
 # own time limit, so one failure does not take the others with it. Logs and the JSON lines go to $OUT
 # (default logs/bench_gpu/). Run from the repository root:
-#   bash scripts/bench_gpu.sh              # ~8 minutes on one H100 / H200
+#   bash scripts/bench_gpu.sh              # about 4-5 minutes on one H200 (PYTHON=... to pick the interpreter)
 #   BUDGET=300 bash scripts/bench_gpu.sh   # stop starting new steps after 300 s
 set -u
 OUT=${OUT:-logs/bench_gpu}

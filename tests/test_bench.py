@@ -37,8 +37,9 @@ def test_bench_entry_point_tiny():
     assert last["setting"]["grad_checkpointing"] == 2 and last["setting"]["fused_attn"] is True
     assert last["setting"]["slide_batch_size"] == "auto" and last["setting"]["slide_windows_per_forward"] >= 1
     assert last["baseline"] == {"precision": "32-true", "fused_attn": False, "grad_checkpointing": False,
-                                "compile": False, "slide_batch_size": 1, "slide_windows_per_forward": 1,
-                                "peak_tflops": None}
+                                "compile": False, "resize": "interpolate", "slide_batch_size": 1,
+                                "slide_windows_per_forward": 1, "peak_tflops": None}
+    assert last["setting"]["resize"] == "matmul"
     measures = last["measures"]
     assert set(measures) == {name for name, _, _ in MEASURES}
     for name, m in measures.items():

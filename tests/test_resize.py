@@ -133,3 +133,26 @@ def test_plain_interpolate_block_and_meta_tensors_use_interpolate(monkeypatch):
     assert calls == ["bilinear", "bilinear"]
     resize(torch.randn(1, 2, 4, 4), scale_factor=2)  # outside the block: matrix products
     assert calls[2:] == ["linear"]  # one matrix serves both axes of a square
+
+
+def test_model_resize_interpolate_runs_the_reference_kernels(monkeypatch):
+    from conftest import tiny_model_cfg
+    from setr.errors import SETRConfigError
+    from setr.models import build_setr
+
+    torch.manual_seed(0)
+    fast = build_setr(tiny_model_cfg("mla", 64, 5)).eval()
+    ref = build_setr({**tiny_model_cfg("mla", 64, 5), "resize": "interpolate"}).eval()
+    ref.load_state_dict(fast.state_dict())
+    assert fast.resize == "matmul" and ref.resize == "interpolate"
+    x = torch.randn(1, 3, 64, 80)
+    calls = []
+    real = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: calls.append(k.get("mode")) or real(*a, **k))
+    with torch.no_grad():
+        a = ref(x)
+        assert calls and set(calls) == {"bilinear"}
+        b = fast(x)
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(SETRConfigError, match=r"model\.resize: expected one of matmul, interpolate, got 'bicubic'"):
+        build_setr({**tiny_model_cfg("mla", 64, 5), "resize": "bicubic"})

@@ -19,7 +19,10 @@ from setr.errors import SETRConfigError
 from setr.models.encoder import ViTEncoder, pad_to_patch
 from setr.models.norm import NORM_LAYERS
 from setr.models.registry import HEADS, NECKS
-from setr.models.resize import resize
+from setr.models.resize import plain_interpolate, resize
+
+# model.resize: how the heads and the logits are resized (setr.models.resize): matrix products, or F.interpolate
+RESIZE_MODES = ("matmul", "interpolate")
 
 
 def select_inputs(feats: Sequence[torch.Tensor], in_index: int | Sequence[int]):
@@ -60,6 +63,10 @@ class SETR(nn.Module):
     ``out`` (those logits) and ``aux`` (one logit map per auxiliary head, same size), whose loss weights are
     :attr:`aux_weights`.
 
+    ``resize``: ``matmul`` resizes features and logits by matrix products (:func:`setr.models.resize.resize`, the
+    same function as bilinear ``F.interpolate`` with a fast, deterministic backward); ``interpolate`` runs
+    ``F.interpolate`` itself (the reference kernels).
+
     Each head's ``in_index`` indexes the maps that feed the heads: the encoder's (one per ``out_indices`` block)
     or, with a neck, the neck's levels (the neck reads all the encoder's maps).
     """
@@ -72,8 +79,12 @@ class SETR(nn.Module):
         aux_weights: Sequence[float] = (),
         neck: nn.Module | None = None,
         num_classes: int | None = None,
+        resize: str = "matmul",
     ) -> None:
         super().__init__()
+        if resize not in RESIZE_MODES:
+            raise SETRConfigError(f"model.resize: expected one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+        self.resize = resize
         self.encoder = encoder
         self.neck = neck
         self.decode_head = decode_head
@@ -88,6 +99,12 @@ class SETR(nn.Module):
             check_in_index(head.in_index, n, f"{name}.in_index", feeds)
 
     def forward(self, x: torch.Tensor):
+        if self.resize == "interpolate":
+            with plain_interpolate():
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor):
         h, w = x.shape[-2:]
         x = pad_to_patch(x, self.encoder.patch_size)
         feats = self.encoder(x)
@@ -129,7 +146,8 @@ ENCODER_CONFIG_ONLY = ("out_indices_presets", "taps")
 def build_setr(cfg: Mapping) -> SETR:
     """Build :class:`SETR` from a plain config mapping (the ``model`` node of the Hydra config).
 
-    Keys: ``num_classes``, ``norm`` (``bn``/``syncbn``/``gn``), ``encoder`` (kwargs of :class:`ViTEncoder`,
+    Keys: ``num_classes``, ``norm`` (``bn``/``syncbn``/``gn``), ``resize`` (``matmul``, the default, or
+    ``interpolate``: see :mod:`setr.models.resize`), ``encoder`` (kwargs of :class:`ViTEncoder`,
     ``out_indices`` among them), ``head`` with ``decode`` (``type``: a registered head, ``up`` by default),
     optional ``neck`` (``type: mla``) and optional ``auxiliary`` (a head ``type``, a list ``in_index`` -> one
     head each, ``loss_weight``). Heads' ``in_index`` are positions in the encoder's ``out_indices`` maps, or in
@@ -190,7 +208,8 @@ def build_setr(cfg: Mapping) -> SETR:
             check_in_index(head.in_index, n_feeds, "model.head.auxiliary.in_index", feeds)
             aux_heads.append(head)
             aux_weights.append(weight)
-    return SETR(encoder, decode_head, aux_heads, aux_weights, neck=neck, num_classes=num_classes)
+    return SETR(encoder, decode_head, aux_heads, aux_weights, neck=neck, num_classes=num_classes,
+                resize=cfg.get("resize", "matmul"))
 
 
 def _upgrade_legacy(encoder: ViTEncoder, neck: dict, dec: dict, aux: dict) -> None:

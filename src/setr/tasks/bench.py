@@ -1,9 +1,10 @@
 """``src/bench.py``: the speed of the configured setting against a baseline, measured in one process.
 
 Two variants are built from the composed config: the **setting** (the config as given) and the **baseline** (a
-copy with ``bench.baseline`` merged on top: fp32, math attention, no gradient checkpointing, no compile, one
-sliding window per forward). After ``bench.warmup`` steps of every measure, ``bench.rounds`` rounds run
-interleaved (setting, baseline, setting, baseline, ...), each timing ``bench.steps_per_round`` steps of:
+copy with ``bench.baseline`` merged on top: fp32, math attention, no gradient checkpointing, no compile,
+``F.interpolate`` resizing, one sliding window per forward). After ``bench.warmup`` steps of every measure,
+``bench.rounds`` rounds run interleaved (setting, baseline, setting, baseline, ...), each timing
+``bench.steps_per_round`` steps of:
 
 * ``train_*``: a full training step on random inputs at ``data.batch_size`` x the crop: forward with the
   auxiliary heads, :meth:`SETRModule.compute_loss`, backward, optimizer step (``optimizer`` node) and LR schedule;
@@ -139,6 +140,7 @@ class Variant:
     def describe(self) -> dict[str, Any]:
         return {"precision": self.precision, "fused_attn": self.fused_attn,
                 "grad_checkpointing": self.grad_checkpointing, "compile": self.compile,
+                "resize": self.model_cfg.get("resize", "matmul"),
                 "slide_batch_size": self.slide_batch_size, "slide_windows_per_forward": self.windows}
 
 
@@ -659,7 +661,8 @@ def _describe(v: Variant) -> str:
     attn = {True: "fused", False: "math", None: "timm default"}[v.fused_attn]
     windows = f"{v.slide_batch_size}" + (f" ({v.windows})" if v.slide_batch_size == "auto" else "")
     return (f"{v.precision}, {attn} attention, checkpointing {v.grad_checkpointing}, "
-            f"compile {str(v.compile).lower()}, {windows} window(s) per forward")
+            f"compile {str(v.compile).lower()}, {v.model_cfg.get('resize', 'matmul')} resizing, "
+            f"{windows} window(s) per forward")
 
 
 @task_wrapper
