@@ -23,7 +23,8 @@ def _bench(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_bench_entry_point_tiny():
-    proc = _bench(*TINY, "model.encoder.grad_checkpointing=2", "+data.inference.batch_size=auto")
+    proc = _bench(*TINY, "model.encoder.grad_checkpointing=2", "+data.inference.batch_size=auto",
+                  "model.channels_last=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for header in HEADERS:
         assert header in proc.stdout
@@ -37,9 +38,9 @@ def test_bench_entry_point_tiny():
     assert last["setting"]["grad_checkpointing"] == 2 and last["setting"]["fused_attn"] is True
     assert last["setting"]["slide_batch_size"] == "auto" and last["setting"]["slide_windows_per_forward"] >= 1
     assert last["baseline"] == {"precision": "32-true", "fused_attn": False, "grad_checkpointing": False,
-                                "compile": False, "resize": "interpolate", "slide_batch_size": 1,
-                                "slide_windows_per_forward": 1, "peak_tflops": None}
-    assert last["setting"]["resize"] == "matmul"
+                                "compile": False, "resize": "interpolate", "channels_last": False,
+                                "slide_batch_size": 1, "slide_windows_per_forward": 1, "peak_tflops": None}
+    assert last["setting"]["resize"] == "matmul" and last["setting"]["channels_last"] is True
     measures = last["measures"]
     assert set(measures) == {name for name, _, _ in MEASURES}
     for name, m in measures.items():

@@ -156,3 +156,51 @@ def test_model_resize_interpolate_runs_the_reference_kernels(monkeypatch):
     assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(SETRConfigError, match=r"model\.resize: expected one of matmul, interpolate, got 'bicubic'"):
         build_setr({**tiny_model_cfg("mla", 64, 5), "resize": "bicubic"})
+
+
+@pytest.mark.parametrize(("shape", "kw", "align"), CASES[:6])
+def test_channels_last_input_keeps_its_layout(shape, kw, align):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ref = F.interpolate(x.detach().contiguous().requires_grad_(), mode="bilinear", align_corners=align, **kw)
+    ours = resize(x, align_corners=align, **kw)
+    if shape[1] > 1:
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert (ours - ref).abs().max().item() < 1e-12
+    g = torch.randn_like(ref)
+    (g_ours,) = torch.autograd.grad(ours, x, g)
+    assert torch.allclose(g_ours, torch.autograd.grad(F.interpolate(x, mode="bilinear", align_corners=align, **kw),
+                                                      x, g)[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("head", ["pup", "mla", "naive"])
+def test_model_channels_last_same_logits_and_heads_run_channels_last(head):
+    from conftest import tiny_model_cfg
+    from setr.models import build_setr
+
+    torch.manual_seed(0)
+    plain = build_setr(tiny_model_cfg(head, 64, 5)).train()
+    fast = build_setr({**tiny_model_cfg(head, 64, 5), "channels_last": True}).train()
+    fast.load_state_dict(plain.state_dict())
+    seen = []
+    cl = torch.channels_last
+    for m in fast.decode_head.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(lambda _m, a: seen.append(a[0].is_contiguous(memory_format=cl)))
+            assert m.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64)
+    a, b = plain(x), fast(x)
+    assert seen and all(seen)  # every convolution of the decode head gets a channels-last input
+    assert torch.allclose(a["out"], b["out"], atol=1e-5)
+    for pa, pb in zip(a["aux"], b["aux"]):
+        assert torch.allclose(pa, pb, atol=1e-5)
+    (b["out"].sum() + sum(t.sum() for t in b["aux"])).backward()
+
+
+def test_model_channels_last_bad_value():
+    from conftest import tiny_model_cfg
+    from setr.errors import SETRConfigError
+    from setr.models import build_setr
+
+    with pytest.raises(SETRConfigError, match=r"model\.channels_last: expected true or false, got 'yes'"):
+        build_setr({**tiny_model_cfg("pup", 64, 5), "channels_last": "yes"})

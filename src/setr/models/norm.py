@@ -25,7 +25,12 @@ def build_norm(kind: str, channels: int) -> nn.Module:
 
 
 class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channel axis of an NCHW map (what SETR's heads apply to ViT tokens)."""
+    """LayerNorm over the channel axis of an NCHW map (what SETR's heads apply to ViT tokens). The result is
+    made NCHW-contiguous, unless ``keep_layout`` (set by ``model.channels_last``): then it keeps the
+    channels-last strides the normalisation produces, with no copy."""
+
+    keep_layout = False
 
     def forward(self, x):  # type: ignore[override]
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+        y = super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return y if self.keep_layout else y.contiguous()

@@ -92,6 +92,12 @@ def resize(x: torch.Tensor, size: tuple[int, int] | None = None, scale_factor: f
     a_w = interp_matrix(w, wo, sw, align_corners, x.device, x.dtype)  # (w, wo)
     b = n * c
     with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext():
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # channels-last (model.channels_last): NHWC in memory; both products keep that layout
+            p = x.permute(0, 2, 3, 1)  # (n, h, w, c), contiguous
+            t = torch.bmm(a_w.t().expand(n * h, wo, w), p.reshape(n * h, w, c))  # (n*h, wo, c)
+            out = torch.bmm(a_h.t().expand(n, ho, h), t.view(n, h, wo * c))  # (n, ho, wo*c)
+            return out.view(n, ho, wo, c).permute(0, 3, 1, 2)
         if h * w * wo + ho * h * wo <= ho * h * w + ho * w * wo:  # width first: fewer multiply-adds
             t = (x.reshape(b * h, w) @ a_w).view(b, h, wo)
             out = torch.bmm(a_h.t().expand(b, ho, h), t)

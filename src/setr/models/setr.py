@@ -17,7 +17,7 @@ from torch import nn
 import setr.models.heads  # noqa: F401  (registers the head and neck types in HEADS and NECKS)
 from setr.errors import SETRConfigError
 from setr.models.encoder import ViTEncoder, pad_to_patch
-from setr.models.norm import NORM_LAYERS
+from setr.models.norm import NORM_LAYERS, ChannelLayerNorm
 from setr.models.registry import HEADS, NECKS
 from setr.models.resize import plain_interpolate, resize
 
@@ -80,6 +80,7 @@ class SETR(nn.Module):
         neck: nn.Module | None = None,
         num_classes: int | None = None,
         resize: str = "matmul",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if resize not in RESIZE_MODES:
@@ -93,10 +94,26 @@ class SETR(nn.Module):
         if len(self.aux_weights) != len(self.auxiliary_heads):
             raise ValueError("one loss weight per auxiliary head is required")
         self.num_classes = num_classes
+        if not isinstance(channels_last, bool):
+            raise SETRConfigError(f"model.channels_last: expected true or false, got {channels_last!r}")
+        self.channels_last = channels_last
+        if channels_last:
+            self._heads_channels_last()
         n, feeds = feeds_of(encoder, neck)
         for name, head in [("decode_head", decode_head)] + [(f"auxiliary_heads.{i}", h)
                                                              for i, h in enumerate(self.auxiliary_heads)]:
             check_in_index(head.in_index, n, f"{name}.in_index", feeds)
+
+    def _heads_channels_last(self) -> None:
+        """Convolution weights of the neck and heads in channels-last memory format, and their channel
+        LayerNorms keeping the channels-last layout of the encoder's maps (token grids are NHWC already)."""
+        for part in (self.neck, self.decode_head, self.auxiliary_heads):
+            if part is None:
+                continue
+            part.to(memory_format=torch.channels_last)
+            for m in part.modules():
+                if isinstance(m, ChannelLayerNorm):
+                    m.keep_layout = True
 
     def forward(self, x: torch.Tensor):
         if self.resize == "interpolate":
@@ -147,7 +164,8 @@ def build_setr(cfg: Mapping) -> SETR:
     """Build :class:`SETR` from a plain config mapping (the ``model`` node of the Hydra config).
 
     Keys: ``num_classes``, ``norm`` (``bn``/``syncbn``/``gn``), ``resize`` (``matmul``, the default, or
-    ``interpolate``: see :mod:`setr.models.resize`), ``encoder`` (kwargs of :class:`ViTEncoder`,
+    ``interpolate``: see :mod:`setr.models.resize`), ``channels_last`` (the neck's and heads' convolutions in
+    channels-last memory format), ``encoder`` (kwargs of :class:`ViTEncoder`,
     ``out_indices`` among them), ``head`` with ``decode`` (``type``: a registered head, ``up`` by default),
     optional ``neck`` (``type: mla``) and optional ``auxiliary`` (a head ``type``, a list ``in_index`` -> one
     head each, ``loss_weight``). Heads' ``in_index`` are positions in the encoder's ``out_indices`` maps, or in
@@ -209,7 +227,7 @@ def build_setr(cfg: Mapping) -> SETR:
             aux_heads.append(head)
             aux_weights.append(weight)
     return SETR(encoder, decode_head, aux_heads, aux_weights, neck=neck, num_classes=num_classes,
-                resize=cfg.get("resize", "matmul"))
+                resize=cfg.get("resize", "matmul"), channels_last=cfg.get("channels_last", False))
 
 
 def _upgrade_legacy(encoder: ViTEncoder, neck: dict, dec: dict, aux: dict) -> None:

@@ -2,7 +2,7 @@
 
 Two variants are built from the composed config: the **setting** (the config as given) and the **baseline** (a
 copy with ``bench.baseline`` merged on top: fp32, math attention, no gradient checkpointing, no compile,
-``F.interpolate`` resizing, one sliding window per forward). After ``bench.warmup`` steps of every measure,
+``F.interpolate`` resizing, NCHW heads, one sliding window per forward). After ``bench.warmup`` steps of every measure,
 ``bench.rounds`` rounds run interleaved (setting, baseline, setting, baseline, ...), each timing
 ``bench.steps_per_round`` steps of:
 
@@ -141,6 +141,7 @@ class Variant:
         return {"precision": self.precision, "fused_attn": self.fused_attn,
                 "grad_checkpointing": self.grad_checkpointing, "compile": self.compile,
                 "resize": self.model_cfg.get("resize", "matmul"),
+                "channels_last": bool(self.model_cfg.get("channels_last", False)),
                 "slide_batch_size": self.slide_batch_size, "slide_windows_per_forward": self.windows}
 
 
@@ -662,6 +663,7 @@ def _describe(v: Variant) -> str:
     windows = f"{v.slide_batch_size}" + (f" ({v.windows})" if v.slide_batch_size == "auto" else "")
     return (f"{v.precision}, {attn} attention, checkpointing {v.grad_checkpointing}, "
             f"compile {str(v.compile).lower()}, {v.model_cfg.get('resize', 'matmul')} resizing, "
+            f"{'channels-last' if v.model_cfg.get('channels_last') else 'NCHW'} heads, "
             f"{windows} window(s) per forward")
 
 
