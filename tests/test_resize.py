@@ -204,3 +204,13 @@ def test_model_channels_last_bad_value():
 
     with pytest.raises(SETRConfigError, match=r"model\.channels_last: expected true or false, got 'yes'"):
         build_setr({**tiny_model_cfg("pup", 64, 5), "channels_last": "yes"})
+
+
+def test_matrix_made_under_inference_mode_serves_a_later_training_step(monkeypatch):
+    """A validation (Lightning: inference_mode) may build a matrix first; training then saves it for backward."""
+    monkeypatch.setattr(resize_mod, "_CACHE", {})
+    with torch.inference_mode():
+        resize(torch.randn(1, 2, 8, 8), scale_factor=4)
+    x = torch.randn(1, 2, 8, 8, requires_grad=True)
+    resize(x, scale_factor=4).sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 16.0))  # each input spreads weight 1 over 4x4 outputs

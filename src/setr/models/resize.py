@@ -53,13 +53,16 @@ def interp_matrix(n_in: int, n_out: int, scale: float | None, align_corners: boo
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
-    # weights computed as F.interpolate computes them for this dtype (fp64 in double, everything else in fp32)
-    eye = torch.eye(n_in, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)[None]
-    if scale is None:
-        a = F.interpolate(eye, size=n_out, mode="linear", align_corners=align_corners)[0]
-    else:
-        a = F.interpolate(eye, scale_factor=scale, mode="linear", align_corners=align_corners)[0]
-    a = a.to(dtype)
+    # weights computed as F.interpolate computes them for this dtype (fp64 in double, everything else in fp32);
+    # never as inference tensors (made during a validation under inference_mode, a cached matrix could not be
+    # saved for backward in the next training step)
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(n_in, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)[None]
+        if scale is None:
+            a = F.interpolate(eye, size=n_out, mode="linear", align_corners=align_corners)[0]
+        else:
+            a = F.interpolate(eye, scale_factor=scale, mode="linear", align_corners=align_corners)[0]
+        a = a.to(dtype)
     if not torch.compiler.is_compiling():
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
