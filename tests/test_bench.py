@@ -57,6 +57,10 @@ def test_bench_bad_values_are_one_line():
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")] == [
         "error: bench.rounds: expected an integer >= 1, got 0"]
+    unknown = _bench("bench.skip=foo")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "error: bench.skip: unknown measure(s) ['foo']; choose from ['data', 'ms_flip', 'slide', 'whole']" \
+        in unknown.stderr
     prec = _bench("trainer.precision=64-true")
     assert prec.returncode == 2 and "error: trainer.precision:" in prec.stderr
 

@@ -9,6 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_model_cfg
+from setr.errors import SETRConfigError
+from setr.models import build_setr
 from setr.models import resize as resize_mod
 from setr.models.resize import interp_matrix, resize
 
@@ -91,9 +94,6 @@ def test_traced_graph_uses_interpolate_and_resizes_other_sizes():
 def test_setr_training_forward_runs_no_bilinear_kernel(head, monkeypatch):
     """The heads (with their auxiliary heads) and the logits upsampling go through resize: no bilinear
     F.interpolate in a training step, only the 1-D ``linear`` ones that make the (then cached) matrices."""
-    from conftest import tiny_model_cfg
-    from setr.models import build_setr
-
     net = build_setr(tiny_model_cfg(head, 64, 5)).train()
     calls = []
     real = F.interpolate
@@ -136,10 +136,6 @@ def test_plain_interpolate_block_and_meta_tensors_use_interpolate(monkeypatch):
 
 
 def test_model_resize_interpolate_runs_the_reference_kernels(monkeypatch):
-    from conftest import tiny_model_cfg
-    from setr.errors import SETRConfigError
-    from setr.models import build_setr
-
     torch.manual_seed(0)
     fast = build_setr(tiny_model_cfg("mla", 64, 5)).eval()
     ref = build_setr({**tiny_model_cfg("mla", 64, 5), "resize": "interpolate"}).eval()
@@ -175,9 +171,6 @@ def test_channels_last_input_keeps_its_layout(shape, kw, align):
 
 @pytest.mark.parametrize("head", ["pup", "mla", "naive"])
 def test_model_channels_last_same_logits_and_heads_run_channels_last(head):
-    from conftest import tiny_model_cfg
-    from setr.models import build_setr
-
     torch.manual_seed(0)
     plain = build_setr(tiny_model_cfg(head, 64, 5)).train()
     fast = build_setr({**tiny_model_cfg(head, 64, 5), "channels_last": True}).train()
@@ -198,10 +191,6 @@ def test_model_channels_last_same_logits_and_heads_run_channels_last(head):
 
 
 def test_model_channels_last_bad_value():
-    from conftest import tiny_model_cfg
-    from setr.errors import SETRConfigError
-    from setr.models import build_setr
-
     with pytest.raises(SETRConfigError, match=r"model\.channels_last: expected true or false, got 'yes'"):
         build_setr({**tiny_model_cfg("pup", 64, 5), "channels_last": "yes"})
 

@@ -20,7 +20,7 @@ then resizes any input size. So it does on meta tensors and inside :func:`plain_
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ def resize(x: torch.Tensor, size: tuple[int, int] | None = None, scale_factor: f
     a_h = interp_matrix(h, ho, sh, align_corners, x.device, x.dtype)  # (h, ho)
     a_w = interp_matrix(w, wo, sw, align_corners, x.device, x.dtype)  # (w, wo)
     b = n * c
-    with torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext():
+    with torch.autocast(x.device.type, enabled=False):  # meta tensors took F.interpolate above
         if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             # channels-last (model.channels_last): NHWC in memory; both products keep that layout
             p = x.permute(0, 2, 3, 1)  # (n, h, w, c), contiguous

@@ -2,8 +2,8 @@
 
 Two variants are built from the composed config: the **setting** (the config as given) and the **baseline** (a
 copy with ``bench.baseline`` merged on top: fp32, math attention, no gradient checkpointing, no compile,
-``F.interpolate`` resizing, NCHW heads, one sliding window per forward). After ``bench.warmup`` steps of every measure,
-``bench.rounds`` rounds run interleaved (setting, baseline, setting, baseline, ...), each timing
+``F.interpolate`` resizing, NCHW heads, one sliding window per forward). After ``bench.warmup`` steps of every
+measure, ``bench.rounds`` rounds run interleaved (setting, baseline, setting, baseline, ...), each timing
 ``bench.steps_per_round`` steps of:
 
 * ``train_*``: a full training step on random inputs at ``data.batch_size`` x the crop: forward with the
@@ -25,8 +25,9 @@ per second over the GPU's dense peak for the precision (:data:`PEAK_TFLOPS`, or 
 
 The JSON line: ``device``, ``gpu``, ``torch``, the run's shape (``batch_size``, ``crop_size``, ``image_size``,
 ``rounds``, ``warmup``, ``steps_per_round``), ``setting`` / ``baseline`` (what each variant ran: ``precision``,
-``fused_attn``, ``grad_checkpointing``, ``compile``, ``slide_batch_size``, ``peak_tflops``),
-``train_gflops_per_step``, ``data_pipeline`` (the function's dict, or null) and ``measures``:
+``fused_attn``, ``grad_checkpointing``, ``compile``, ``resize``, ``channels_last``, ``slide_batch_size``,
+``slide_windows_per_forward``, ``peak_tflops``), ``train_gflops_per_step``, ``data_pipeline`` (the function's
+dict, or null), ``profile`` (``bench.profile``'s rows, or null) and ``measures``:
 ``{name: {"setting": {"min", "median"}, "baseline": {"min", "median"}, "ratio"}}`` with ``ratio`` =
 setting median / baseline median for rates (> 1: the setting is faster) and baseline / setting for memory and
 workers (> 1: the setting needs less).
@@ -140,8 +141,7 @@ class Variant:
     def describe(self) -> dict[str, Any]:
         return {"precision": self.precision, "fused_attn": self.fused_attn,
                 "grad_checkpointing": self.grad_checkpointing, "compile": self.compile,
-                "resize": self.model_cfg.get("resize", "matmul"),
-                "channels_last": bool(self.model_cfg.get("channels_last", False)),
+                "resize": self.module.model.resize, "channels_last": self.module.model.channels_last,
                 "slide_batch_size": self.slide_batch_size, "slide_windows_per_forward": self.windows}
 
 
@@ -555,7 +555,8 @@ def bench(cfg) -> dict[str, Any]:
     steps = _positive_int(opts, "steps_per_round")
     data_images = _positive_int(opts, "data_images")
     profile_rows = _positive_int(opts, "profile", 0)
-    skip = set(opts.get("skip") or [])
+    skip = opts.get("skip") or []
+    skip = {skip} if isinstance(skip, str) else set(skip)  # bench.skip=data as well as bench.skip=[data]
     known = {"whole", "slide", "ms_flip", "data"}
     if not skip <= known:
         raise SETRConfigError(f"bench.skip: unknown measure(s) {sorted(skip - known)}; choose from {sorted(known)}")
@@ -662,8 +663,8 @@ def _describe(v: Variant) -> str:
     attn = {True: "fused", False: "math", None: "timm default"}[v.fused_attn]
     windows = f"{v.slide_batch_size}" + (f" ({v.windows})" if v.slide_batch_size == "auto" else "")
     return (f"{v.precision}, {attn} attention, checkpointing {v.grad_checkpointing}, "
-            f"compile {str(v.compile).lower()}, {v.model_cfg.get('resize', 'matmul')} resizing, "
-            f"{'channels-last' if v.model_cfg.get('channels_last') else 'NCHW'} heads, "
+            f"compile {str(v.compile).lower()}, {v.module.model.resize} resizing, "
+            f"{'channels-last' if v.module.model.channels_last else 'NCHW'} heads, "
             f"{windows} window(s) per forward")
 
 
