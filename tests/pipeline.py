@@ -35,7 +35,7 @@ TINY = [
 ]
 
 
-def run_entry(script: str, *args: str, log_dir: Path, timeout: int = 240, env: dict | None = None,
+def run_entry(script: str, *args: str, log_dir: Path, timeout: int = 1200, env: dict | None = None,
               check: bool = True) -> subprocess.CompletedProcess:
     """Run ``src/<script>`` with ``args`` (logs under ``log_dir``); returns the completed process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}

@@ -19,7 +19,7 @@ TINY = ["model/encoder=vit_test", "data.crop_size=64", "data.batch_size=2", "ben
 
 def _bench(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "src" / "bench.py"), *overrides], cwd=ROOT, text=True,
-                          capture_output=True, timeout=600, stdin=subprocess.DEVNULL)
+                          capture_output=True, timeout=1800, stdin=subprocess.DEVNULL)
 
 
 def test_bench_entry_point_tiny():

@@ -61,7 +61,7 @@ def test_is_rank_zero(monkeypatch, env, zero):
 
 @pytest.mark.slow
 def test_ddp_metrics_equal_single_process_evaluation(tmp_path):
-    proc = run_entry("train.py", *DDP, *TRAIN, log_dir=tmp_path / "train_logs", timeout=240)  # default callbacks
+    proc = run_entry("train.py", *DDP, *TRAIN, log_dir=tmp_path / "train_logs", timeout=1200)  # default callbacks
     # rank 1 joined rank 0's run: one run folder, no sweep folder, one final metrics line
     task = tmp_path / "train_logs" / "train"
     assert sorted(p.name for p in task.iterdir()) == ["runs"]
@@ -127,7 +127,7 @@ def test_ddp_in_an_optuna_sweep_does_not_hang_or_fork(tmp_path):
     # hparams_search=optuna sets hydra.mode=MULTIRUN in the config itself: rank 1 must still run one job only
     try:
         proc = run_entry("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *DDP, *TRAIN,
-                         "logger=wandb", log_dir=tmp_path, timeout=200,
+                         "logger=wandb", log_dir=tmp_path, timeout=1200,
                          env={"HOME": str(tmp_path / "home")})
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"a DDP job inside a -m sweep hung: {e}")

@@ -197,7 +197,7 @@ def test_python_m_setr_export_is_the_same_command(tmp_path):
     def alias(*args: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         return subprocess.run([sys.executable, "-m", "setr.export", *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=240, stdin=subprocess.DEVNULL, env=env)
+                              text=True, timeout=1200, stdin=subprocess.DEVNULL, env=env)
 
     proc = alias(f"ckpt_path={ckpt}", "format=torchscript", f"output={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]

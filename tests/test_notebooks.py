@@ -57,7 +57,7 @@ def test_notebook_is_stored_without_outputs(name):
 def execute(name: str, kernel: str) -> tuple[str, int]:
     """Run notebooks/<name> from a clean kernel; returns (its printed text, its number of figures)."""
     nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name=kernel, timeout=60, startup_timeout=60,
+    client = nbclient.NotebookClient(nb, kernel_name=kernel, timeout=600, startup_timeout=600,
                                      resources={"metadata": {"path": str(ROOT / "notebooks")}})
     client.execute()  # raises CellExecutionError (with the cell's traceback) on any failing cell
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

@@ -59,16 +59,22 @@ def test_lightning_bf16_mixed_trains_on_cpu(tmp_path):
     module = _module()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4, 32, 32))
     loader = torch.utils.data.DataLoader([{"image": a, "mask": b} for a, b in zip(x, y)], batch_size=2)
-    seen = []
+    seen, ran = [], []
 
     class Spy(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append(outputs["loss"].dtype)
 
+    # what the network itself ran in: the dtype of an encoder block's MLP output and of the decode logits
+    hooks = [m.register_forward_hook(lambda m, i, o: ran.append(o.dtype))
+             for m in (module.model.encoder.vit.blocks[0].mlp.fc1, module.model.decode_head)]
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False, callbacks=[Spy()],
                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(module, train_dataloaders=loader)
-    assert seen == [torch.float32, torch.float32]
+    for h in hooks:
+        h.remove()
+    assert seen == [torch.float32, torch.float32], "the loss is float32"
+    assert ran == [torch.bfloat16] * 4, f"the network did not run in bf16: {ran}"
 
 
 # ----------------------------------------------------------------------------------------- fused attention

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _summary(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "src" / "summary.py"), *overrides], cwd=ROOT, text=True,
-                          capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+                          capture_output=True, timeout=1200, stdin=subprocess.DEVNULL)
 
 
 @pytest.mark.slow

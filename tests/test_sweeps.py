@@ -163,7 +163,7 @@ def test_slurm_launchers_compose_and_make_the_sbatch_script(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_submitit_local_sweep_runs_both_jobs(tmp_path):
     run_entry("train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-              "model/head=pup,naive", *SMALL, log_dir=tmp_path, timeout=300)
+              "model/head=pup,naive", *SMALL, log_dir=tmp_path, timeout=1200)
     sweep = sweep_dir(tmp_path)
     found = jobs(sweep)
     assert [job_overrides(j)["model/head"] for j in found] == ["pup", "naive"]

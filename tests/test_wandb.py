@@ -36,7 +36,7 @@ def run_train(*args: str, log_dir: Path, home: Path) -> subprocess.CompletedProc
     env.update(HOME=str(home), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, str(ROOT / "src" / "train.py"), *OVERRIDES, *args, f"paths.log_dir={log_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=240)
+                          timeout=1200)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 

@@ -26,6 +26,9 @@ def launch(main: Callable[[], Any], prepare: Callable[[list[str]], list[str]] | 
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing; reported below in one line
     try:
+        from setr import check_torch_version
+
+        check_torch_version()
         if prepare is not None:
             sys.argv = prepare(list(sys.argv))
         main()
