@@ -305,8 +305,10 @@ def test_missing_file_stops_src_train_before_anything_is_built(tmp_path):
     from pipeline import run_entry
 
     run_dir = tmp_path / "run"
+    # data.root exists (its folder is checked before the weights; nothing in it is read before the weights stop)
     proc = run_entry("train.py", "experiment=ade20k_mla_deit_b16", f"paths.weights_dir={tmp_path / 'weights'}",
-                     "extras.print_config=false", f"hydra.run.dir={run_dir}", log_dir=tmp_path, check=False)
+                     f"data.root={tmp_path}", "extras.print_config=false", f"hydra.run.dir={run_dir}",
+                     log_dir=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]

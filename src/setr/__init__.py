@@ -32,6 +32,27 @@ def check_torch_version(version: str | None = None) -> None:
                               f"(pip install 'torch>={need}', or `make install`)")
 
 
+def slide_stride(crop: Any) -> Any:
+    """2/3 of a sliding-window crop (an int, or ``[height, width]`` side by side), rounded down: the ratio of the
+    paper's settings (512 -> 341, 768 -> 512, 480 -> 320). The data configs' ``inference.stride`` is
+    ``${setr.slide_stride:${data.crop_size}}``, so a smaller ``data.crop_size`` never leaves a stride longer
+    than the window (uncovered pixels)."""
+    if isinstance(crop, (int, str)):
+        return max(1, int(crop) * 2 // 3)
+    return [max(1, int(c) * 2 // 3) for c in crop]
+
+
+def _register_resolvers() -> None:
+    """At import of any ``setr`` module, so every composed config (entry points, tests, notebooks) resolves."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("setr.slide_stride"):
+        OmegaConf.register_new_resolver("setr.slide_stride", slide_stride)
+
+
+_register_resolvers()
+
+
 def __getattr__(name: str) -> Any:  # lazy: `import setr` stays light for the entry points' error paths
     if name in __all__:
         from setr import checkpoint

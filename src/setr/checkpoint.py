@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from setr.errors import SETRConfigError
-from setr.utils.config import plain
+from setr.nodes import plain
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
@@ -162,18 +162,83 @@ def _unsafe_globals(path: Path) -> list[str]:
     return [n for n in names if n not in allowed]
 
 
+class UnreadableCheckpoint(SETRConfigError):
+    """A checkpoint file that is no readable torch file at all: empty, truncated (an interrupted write or copy),
+    or something else (random bytes, a web page, a Git LFS pointer). :func:`load_torch_file` raises it, so a
+    caller that has other checkpoints to fall back on (``resume=auto``) can tell it from a file that is read
+    but refused."""
+
+
+# the start of a legacy (pre-zip) torch file: torch.serialization.MAGIC_NUMBER pickled as a long (after the
+# protocol header, and a FRAME opcode from pickle protocol 4 on)
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def checkpoint_damage(path: str | Path, error: BaseException | None = None) -> str | None:
+    """Why ``path`` is no readable torch file, judged from the file itself (its size, first bytes and, for a zip
+    archive, its directory: nothing is unpickled or read in full), or None when it looks like one. ``error``:
+    what ``torch.load`` raised, for a legacy (pre-zip) file: anything but a refused global means it is damaged."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if size == 0:
+        return "the file is empty (0 bytes: a write or copy that was cut short)"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return (f"it is truncated or damaged ({size} bytes, a torch zip archive without its directory at the end: "
+                    "what an interrupted write or copy leaves)")
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "it is a zip archive but not a torch file (no data.pkl in it)"
+        return None
+    if _LEGACY_MAGIC in head[:32]:  # a real pickle refused for its globals raises UnpicklingError; else damage
+        if error is not None and (not isinstance(error, pickle.UnpicklingError) or "truncated" in str(error)):
+            return (f"it is truncated or damaged ({size} bytes, a legacy torch file that cannot be read to its end: "
+                    f"an interrupted write or copy; {type(error).__name__})")
+        return None
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the file itself (fetch it with git lfs pull)"
+    if head.lstrip()[:1] == b"<":
+        return "it is not a torch file but a text / HTML page (a failed download?)"
+    if head[:1] == b"\x80":
+        return "it is a Python pickle but not a torch file (torch.save writes a zip archive or a legacy torch file)"
+    return f"it is not a torch file (no torch zip archive, no legacy torch file: it starts {head[:8].hex(' ')})"
+
+
 def load_torch_file(path: str | Path, what: str = "ckpt_path", map_location: str | torch.device = "cpu",
                     trust_pickle: bool = False) -> Any:
-    """``torch.load`` without arbitrary unpickling (``weights_only=True``, numpy arrays allowed). A file that needs
-    more is refused with one :class:`SETRConfigError` line naming what it pickles; ``trust_pickle=True`` (only
-    ``python -m setr.convert --trust-pickle``) loads it with full unpickling on explicit request."""
+    """``torch.load`` without arbitrary unpickling (``weights_only=True``, numpy arrays allowed), every failure one
+    :class:`SETRConfigError` line naming ``what`` and the file:
+
+    * missing: "not found";
+    * no readable torch file (empty, truncated, random bytes, ...: :func:`checkpoint_damage`):
+      :class:`UnreadableCheckpoint`, "is not a readable checkpoint: <why>";
+    * a real torch file whose pickle needs more than tensors, plain values and numpy arrays: the globals it names
+      and, only then, the ``--trust-pickle`` hint; ``trust_pickle=True`` (only ``python -m setr.convert
+      --trust-pickle``) loads it with full unpickling on explicit request.
+
+    ``src/eval.py``, ``src/predict.py``, export, conversion and training's ``ckpt_path=`` all read files here."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise SETRConfigError(f"{what}: checkpoint {path} not found")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except Exception as e:
+        damage = checkpoint_damage(path, e)
+        if damage is not None:
+            raise UnreadableCheckpoint(f"{what}: {path} is not a readable checkpoint: {damage}") from e
+        if not isinstance(e, pickle.UnpicklingError):
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise SETRConfigError(f"{what}: cannot read checkpoint {path} ({type(e).__name__}: {reason})") from e
         if trust_pickle:
             try:
                 return torch.load(path, map_location=map_location, weights_only=False)
@@ -190,9 +255,6 @@ def load_torch_file(path: str | Path, what: str = "ckpt_path", map_location: str
         raise SETRConfigError(
             f"{what}: {path} needs arbitrary unpickling: it holds Python objects beyond tensors, plain values and "
             f"numpy arrays{found}, which are not unpickled (that could run code stored in the file); {hint}") from e
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise SETRConfigError(f"{what}: cannot read checkpoint {path} ({type(e).__name__}: {reason})") from e
 
 
 def read_safetensors(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

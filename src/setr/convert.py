@@ -37,7 +37,7 @@ from setr.checkpoint import (
 )
 from setr.errors import SETRConfigError
 from setr.models.convert import Converted, convert_state_dict, is_released, strip_module_prefix
-from setr.utils.config import plain
+from setr.nodes import plain
 
 DATA_PRESETS = ("ade20k", "cityscapes", "pascal_context", "pascal_context_59")
 CONF_DIR = Path(os.environ.get("PROJECT_ROOT") or Path(__file__).resolve().parents[2]) / "conf"

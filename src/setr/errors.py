@@ -39,3 +39,24 @@ class SETRConfigError(ValueError):
 
 class DataError(SETRConfigError):
     """A dataset file or folder that is missing, unreadable or inconsistent (names the file)."""
+
+
+class TrainingDiverged(SETRConfigError):
+    """The training loss became NaN or infinite; the message names the step and the settings that prevent it."""
+
+
+class Preempted(SystemExit):
+    """A training run stopped on a signal (SIGTERM, SIGINT, SIGUSR1; :mod:`setr.training.preemption`); ``code`` is
+    ``128 + signal number``, ``message`` says what was saved and how to resume.
+
+    A ``SystemExit`` and not an ``Exception``: nothing on the way treats it as a failure to report or to skip (a
+    ``-m`` sweep stops too instead of recording a failed job and starting the next one)."""
+
+    def __init__(self, signum: int, message: str, agreed: bool = True) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.message = message
+        self.agreed = agreed  # every rank stopped at the same point (False: this process stopped at once)
+
+    def __str__(self) -> str:
+        return self.message

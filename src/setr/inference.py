@@ -6,7 +6,9 @@
 * ``mode``: ``whole`` (one forward of the full image) or ``slide`` (windows of ``crop_size`` every ``stride``
   pixels, ``batch_size`` windows per forward (null / ``auto``, the default: sized from the device, see
   :func:`auto_windows`), overlapping logits averaged; images smaller than the crop are padded and cropped back —
-  mmsegmentation's ``slide_inference``); logits are float32 whatever precision the network runs in;
+  mmsegmentation's ``slide_inference``); logits are float32 whatever precision the network runs in. A stride
+  longer than the window on either axis is refused (:func:`check_inference`): its windows would leave pixels
+  between them that no window sees, whose logits would be 0/0;
 * ``scales`` (ratios, default ``[1.0]``) and ``flip``: multi-scale + horizontal-flip testing; the output of every
   scale/flip is resized to ``out_size`` and averaged. Without ``img_scale`` a ratio scales the input size.
 * ``img_scale: [long, short]``: a ratio ``r`` resizes the input as mmsegmentation's keep-ratio ``Resize`` to the
@@ -20,6 +22,10 @@
 ``conf/protocol/ms.yaml`` sets the official multi-scale + flip test from the data config's ``test_scale`` and
 ``ms_ratios``.
 
+No number is made of broken logits: a NaN or infinite value in what the network returns stops :func:`infer` with
+one :class:`NonFiniteLogits` line (validation, ``eval.py`` and ``predict.py`` all call it), instead of argmax
+turning it into class 0. A whole-image forward of a very large image logs one line first (:func:`warn_if_slow`).
+
 The second half works on photos as arrays (uint8 RGB ``(H, W, 3)``) with a network from
 :func:`setr.load_model`: :func:`predict_images` applies the checkpoint's test-time resize
 (``record.test_pipeline``), normalises, calls :func:`infer` with the record's inference settings and returns class
@@ -30,6 +36,7 @@ photo gets the same labels in a notebook as from the command line.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,20 +49,27 @@ from setr.errors import SETRConfigError
 if TYPE_CHECKING:
     from setr.checkpoint import ModelRecord
 
+log = logging.getLogger("setr")
+
 MODES = ("whole", "slide")
 INFERENCE_KEYS = ("mode", "crop_size", "stride", "batch_size", "scales", "flip", "img_scale", "min_short", "average")
 AVERAGES = ("logits", "probs")
 
 
-def _pair(v, key: str) -> tuple[int, int]:
+class NonFiniteLogits(SETRConfigError):
+    """The network returned NaN or infinite logits: argmax would make them a class, so nothing is scored or
+    written from them (broken weights, or an overflow under the inference settings)."""
+
+
+def _pair(v, key: str, where: str = "data.inference") -> tuple[int, int]:
     if isinstance(v, int):
         v = (v, v)
     try:
         v = tuple(int(x) for x in v)
-    except TypeError as e:
-        raise SETRConfigError(f"data.inference.{key}: expected a size or (height, width), got {v!r}") from e
+    except (TypeError, ValueError) as e:
+        raise SETRConfigError(f"{where}.{key}: expected a size or (height, width), got {v!r}") from e
     if len(v) != 2 or min(v) < 1:
-        raise SETRConfigError(f"data.inference.{key}: expected positive sizes, got {v!r}")
+        raise SETRConfigError(f"{where}.{key}: expected positive sizes, got {v!r}")
     return v
 
 
@@ -112,11 +126,27 @@ def auto_windows(model, images: torch.Tensor, crop: tuple[int, int], n_windows: 
     return max(1, min(windows, n_windows))
 
 
+def _covers(boxes: Sequence[tuple[int, int, int, int]], h: int, w: int) -> bool:
+    """Whether the windows ``(y1, x1, y2, x2)`` of a grid (every row with every column) cover ``h x w``: each
+    axis's intervals, in order, leave no gap and reach the end."""
+    for lo, hi, size in ((0, 2, h), (1, 3, w)):
+        reached = 0
+        for a, b in sorted({(box[lo], box[hi]) for box in boxes}):
+            if a > reached:
+                return False
+            reached = max(reached, b)
+        if reached < size:
+            return False
+    return True
+
+
 def slide(model, images: torch.Tensor, crop_size, stride, batch_size: int | str | None = None) -> torch.Tensor:
     """Sliding-window logits at the input size (mmseg grid: ``max(h - crop + stride - 1, 0) // stride + 1``),
-    ``batch_size`` windows (of every image of the batch) per forward; None / ``auto``: :func:`auto_windows`."""
+    ``batch_size`` windows (of every image of the batch) per forward; None / ``auto``: :func:`auto_windows`.
+    Every pixel is in at least one window (a stride longer than the crop is refused before any forward)."""
     ch, cw = _pair(crop_size, "crop_size")
     sh, sw = _pair(stride, "stride")
+    _check_stride((ch, cw), (sh, sw))
     b, _, h, w = images.shape
     pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
     if pad_h or pad_w:
@@ -129,6 +159,9 @@ def slide(model, images: torch.Tensor, crop_size, stride, batch_size: int | str 
         for c in range(cols):
             y1, x1 = min(r * sh, max(H - ch, 0)), min(c * sw, max(W - cw, 0))
             boxes.append((y1, x1, min(y1 + ch, H), min(x1 + cw, W)))
+    if not _covers(boxes, H, W):  # guard: the grid above covers everything whenever the stride fits the crop
+        raise SETRConfigError(f"data.inference.stride: windows of {ch}x{cw} every {sh}x{sw} pixels leave pixels "
+                              f"of a {H}x{W} image uncovered")
     per = check_batch_size(batch_size)
     if per is None:
         per = auto_windows(model, images, (ch, cw), len(boxes))
@@ -162,28 +195,82 @@ def scaled_size(h: int, w: int, ratio: float, img_scale: Sequence[int] | None = 
     return max(1, int(h * factor_h + 0.5)), max(1, int(w * factor_w + 0.5))
 
 
-def _check(cfg: Mapping) -> tuple[str, list[float], list[bool], str]:
+def _check_stride(crop: tuple[int, int], stride: tuple[int, int], where: str = "data.inference") -> None:
+    """A stride longer than the window on an axis leaves the pixels between two windows in none of them."""
+    if stride[0] > crop[0] or stride[1] > crop[1]:
+        from setr import slide_stride
+
+        hint = slide_stride(list(crop))
+        hint_text = hint[0] if hint[0] == hint[1] else hint
+        raise SETRConfigError(
+            f"{where}.stride: {list(stride)} is longer than the window {where}.crop_size {list(crop)}: the pixels "
+            f"between two windows would be in none of them; use a stride <= the crop, e.g. {where}.stride="
+            f"{hint_text} (2/3 of it, the paper's ratio)")
+
+
+def _check(cfg: Mapping, where: str = "data.inference") -> tuple[str, list[float], list[bool], str]:
     mode = cfg.get("mode", "whole")
     if mode not in MODES:
-        raise SETRConfigError(f"data.inference.mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    scales = [float(s) for s in (cfg.get("scales") or [1.0])]
+        raise SETRConfigError(f"{where}.mode: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    try:
+        scales = [float(s) for s in (cfg.get("scales") or [1.0])]
+    except (TypeError, ValueError) as e:
+        raise SETRConfigError(f"{where}.scales: expected a list of ratios, got {cfg.get('scales')!r}") from e
     if min(scales) <= 0:
-        raise SETRConfigError(f"data.inference.scales: ratios must be > 0, got {scales}")
+        raise SETRConfigError(f"{where}.scales: ratios must be > 0, got {scales}")
     if mode == "slide":
         for key in ("crop_size", "stride"):
             if cfg.get(key) is None:
-                raise SETRConfigError(f"data.inference.{key}: required by mode 'slide'")
+                raise SETRConfigError(f"{where}.{key}: required by mode 'slide'")
+        _check_stride(_pair(cfg["crop_size"], "crop_size", where), _pair(cfg["stride"], "stride", where), where)
     average = cfg.get("average") or "logits"
     if average not in AVERAGES:
-        raise SETRConfigError(f"data.inference.average: {average!r}; choose one of {', '.join(AVERAGES)}")
-    check_batch_size(cfg.get("batch_size"))
+        raise SETRConfigError(f"{where}.average: {average!r}; choose one of {', '.join(AVERAGES)}")
+    try:
+        check_batch_size(cfg.get("batch_size"))
+    except SETRConfigError as e:
+        raise SETRConfigError(str(e).replace("data.inference.", f"{where}.", 1)) from e
     if cfg.get("img_scale") is not None:
-        _pair(cfg["img_scale"], "img_scale")
+        _pair(cfg["img_scale"], "img_scale", where)
     if cfg.get("min_short") is not None and (not isinstance(cfg["min_short"], int) or cfg["min_short"] < 1):
-        raise SETRConfigError(f"data.inference.min_short: expected a positive integer, got {cfg['min_short']!r}")
+        raise SETRConfigError(f"{where}.min_short: expected a positive integer, got {cfg['min_short']!r}")
     if cfg.get("min_short") is not None and cfg.get("img_scale") is None:
-        raise SETRConfigError("data.inference.min_short: needs data.inference.img_scale (the official MS test)")
+        raise SETRConfigError(f"{where}.min_short: needs {where}.img_scale (the official MS test)")
     return mode, scales, [False, True] if cfg.get("flip") else [False], average
+
+
+def check_inference(cfg: Mapping | None, where: str = "data.inference") -> None:
+    """The up-front check of an inference node (``where`` names it in the error: ``data.inference`` for
+    train / eval, ``inference`` for predict): every mistake :func:`infer` would meet, one line, before any
+    forward (a stride longer than the window included)."""
+    _check(dict(cfg or {}), where)
+
+
+# whole-image forwards beyond these sizes say so (a minutes-long forward with no word looks like a hang)
+SLOW_PIXELS = 4096 * 4096
+SLOW_CROPS = 16  # or this many times the training crop's pixels
+_warned: set[tuple[int, int]] = set()
+
+
+def warn_if_slow(size: Sequence[int], crop: Sequence[int] | int | None = None) -> bool:
+    """Log one line (once per size in a process) when a whole-image forward at ``size`` = ``(h, w)`` will be
+    slow: more than :data:`SLOW_PIXELS` pixels, or more than :data:`SLOW_CROPS` times the ``crop`` (the size the
+    network was trained at; attention grows with the square of the pixels). Returns whether it warned."""
+    h, w = int(size[0]), int(size[1])
+    crop_px = None
+    if crop is not None:
+        ch, cw = (crop, crop) if isinstance(crop, int) else (int(crop[0]), int(crop[1]))
+        crop_px = ch * cw
+    slow = h * w > SLOW_PIXELS or (crop_px is not None and h * w > SLOW_CROPS * crop_px)
+    if not slow or (h, w) in _warned:
+        return False
+    _warned.add((h, w))
+    times = f", {h * w / crop_px:.0f}x the {ch}x{cw} crop" if crop_px else ""
+    log.warning("inference: a %dx%d image (%.1f Mpx%s) in mode whole runs the whole image through the network "
+                "in one forward and may take minutes and much memory; sliding windows (inference.mode=slide, "
+                "data.inference.mode=slide in train / eval) or a test-time resize (predict: resize=true, eval: "
+                "data.val_pipeline) keep it at the crop's size", w, h, h * w / 1e6, times)
+    return True
 
 
 @torch.no_grad()
@@ -197,15 +284,20 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = No
     target = tuple(out_size) if out_size is not None else (h, w)
     img_scale = cfg.get("img_scale")
     total = None
+    finite = None  # one device-side flag for every forward, read once at the end (one sync per call)
     for s in scales:
         size = scaled_size(h, w, s, img_scale, cfg.get("min_short"))
         x = images if size == (h, w) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if mode == "whole":
+            warn_if_slow(size, cfg.get("crop_size"))
         for flip in flips:
             xi = x.flip(-1) if flip else x
             if mode == "slide":
                 lg = slide(model, xi, cfg["crop_size"], cfg["stride"], cfg.get("batch_size"))
             else:
                 lg = model(xi).float()
+            ok = torch.isfinite(lg).all()
+            finite = ok if finite is None else finite & ok
             if flip:
                 lg = lg.flip(-1)
             if tuple(lg.shape[-2:]) != target:
@@ -213,6 +305,11 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = No
             if average == "probs":
                 lg = lg.float().softmax(1)
             total = lg if total is None else total + lg
+    if not bool(finite):
+        raise NonFiniteLogits(
+            f"logits: non-finite values (NaN/inf) in the network output for a batch of {images.shape[0]} "
+            f"image(s) of {w}x{h} (mode {mode}); the checkpoint's weights or the inference settings are broken, "
+            "and no class is made of them")
     mean = total / (len(scales) * len(flips))
     return mean.clamp_min(1e-12).log() if average == "probs" else mean
 
@@ -228,14 +325,21 @@ def inference_config(record: ModelRecord, override: Mapping[str, Any] | None = N
             raise SETRConfigError(f"inference.{key}: unknown key; use {', '.join(INFERENCE_KEYS)}")
         if value is not None:
             cfg[key] = value
+    return fill_slide(cfg, record.crop_size)
+
+
+def fill_slide(cfg: dict[str, Any], crop_size: Sequence[int]) -> dict[str, Any]:
+    """``cfg`` with mode ``whole`` when it has none, and in mode ``slide`` the window ``crop_size`` (the training
+    crop) and 2/3 of the window as stride where they are missing (:func:`setr.slide_stride`, the paper's ratio)."""
+    from setr import slide_stride
+
     cfg.setdefault("mode", "whole")
     if cfg["mode"] == "slide":
         if cfg.get("crop_size") is None:
-            cfg["crop_size"] = list(record.crop_size)
+            cfg["crop_size"] = list(crop_size)
         if cfg.get("stride") is None:
             crop = cfg["crop_size"]
-            crop = [crop, crop] if isinstance(crop, int) else list(crop)
-            cfg["stride"] = [max(1, int(c) * 2 // 3) for c in crop]
+            cfg["stride"] = slide_stride([crop, crop] if isinstance(crop, int) else list(crop))
     return cfg
 
 
@@ -311,11 +415,19 @@ def predict_images(model: torch.nn.Module, images: Sequence[np.ndarray], inferen
                                   "a test-time resize must be deterministic")
     if device is None:
         device = next(model.parameters()).device
+    cfg = inference_config(record, inference)
+    check_inference(cfg, "inference")
+    if cfg["mode"] == "whole":
+        for s in cfg.get("scales") or [1.0]:
+            warn_if_slow(scaled_size(*images[0].shape[:2], float(s), cfg.get("img_scale"), cfg.get("min_short")),
+                         record.crop_size)
     x = torch.cat([normalize(im, record.mean, record.std) for im in images]).to(device)
     try:
-        logits = infer(model, x, inference_config(record, inference), out_size=out_size)
+        logits = infer(model, x, cfg, out_size=out_size)
+    except NonFiniteLogits:
+        raise
     except SETRConfigError as e:  # infer names the keys of train's data.inference node; here they are inference.*
-        raise SETRConfigError(str(e).replace("data.inference.", "inference.", 1)) from e
+        raise SETRConfigError(str(e).replace("data.inference.", "inference.")) from e
     return Prediction(labels=logits.argmax(1).to(torch.uint8).cpu().numpy(), input=x)
 
 

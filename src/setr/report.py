@@ -9,6 +9,7 @@ skip them (mmsegmentation's ``nanmean``).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -102,32 +103,40 @@ def confusion_figure(confmat: torch.Tensor | np.ndarray, class_names: Sequence[s
 def save_report(scores: Mapping[str, Any], class_names: Sequence[str], out_dir: str | Path,
                 confmat: torch.Tensor | np.ndarray | None = None, prefix: str = "val") -> dict[str, Path]:
     """Write ``<prefix>_scores.csv`` (one row per class, then the means), ``<prefix>_scores.json`` and, with
-    ``confmat``, ``<prefix>_confusion.png`` and ``<prefix>_confusion.csv`` (pixel counts) into ``out_dir``."""
+    ``confmat``, ``<prefix>_confusion.png`` and ``<prefix>_confusion.csv`` (pixel counts) into ``out_dir``.
+
+    Each file is written whole or not at all (:func:`setr.utils.output.atomic_write`): a kill or a full disk
+    never leaves a half-written report that a reader would take for the result; a full disk stops with one line
+    naming the file."""
+    from setr.utils.output import atomic_write, write_text
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = score_rows(scores, class_names)
     s = summary(scores)
     paths = {"csv": out / f"{prefix}_scores.csv", "json": out / f"{prefix}_scores.json"}
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "IoU", "Acc"])
-        for r in rows:
-            w.writerow([r["class"], "" if r["IoU"] is None else r["IoU"], "" if r["Acc"] is None else r["Acc"]])
-        w.writerow(["mean", "" if s["mIoU"] is None else s["mIoU"], "" if s["mAcc"] is None else s["mAcc"]])
-        w.writerow(["aAcc", "", "" if s["aAcc"] is None else s["aAcc"]])
-    paths["json"].write_text(json.dumps({**s, "per_class": rows}, indent=2) + "\n")
+    lines = [["class", "IoU", "Acc"]]
+    lines += [[r["class"], "" if r["IoU"] is None else r["IoU"], "" if r["Acc"] is None else r["Acc"]] for r in rows]
+    lines.append(["mean", "" if s["mIoU"] is None else s["mIoU"], "" if s["mAcc"] is None else s["mAcc"]])
+    lines.append(["aAcc", "", "" if s["aAcc"] is None else s["aAcc"]])
+    write_text(paths["csv"], _csv_text(lines))
+    write_text(paths["json"], json.dumps({**s, "per_class": rows}, indent=2) + "\n")
     if confmat is not None:
         cm = np.asarray(confmat, dtype=np.int64)
         paths["confusion_csv"] = out / f"{prefix}_confusion.csv"
-        with open(paths["confusion_csv"], "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["label \\ prediction", *class_names])
-            for name, row in zip(class_names, cm):
-                w.writerow([name, *row.tolist()])
+        write_text(paths["confusion_csv"], _csv_text(
+            [["label \\ prediction", *class_names], *([name, *row.tolist()] for name, row in zip(class_names, cm))]))
         paths["confusion_png"] = out / f"{prefix}_confusion.png"
-        confusion_figure(cm, class_names, title=f"{prefix} confusion (row-normalised)").savefig(
-            paths["confusion_png"], dpi=100)
+        fig = confusion_figure(cm, class_names, title=f"{prefix} confusion (row-normalised)")
+        atomic_write(paths["confusion_png"], lambda f: fig.savefig(f, format="png", dpi=100))
     return paths
+
+
+def _csv_text(rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    for row in rows:
+        w.writerow(row)
+    return buf.getvalue()
 
 
 def wandb_table(scores: Mapping[str, Any], class_names: Sequence[str]):

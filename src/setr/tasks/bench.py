@@ -186,7 +186,7 @@ def windows_per_forward(v: Variant, size: tuple[int, int], crop: tuple[int, int]
 
 def variant_of(cfg, name: str) -> Variant:
     """The :class:`Variant` of a composed config (``cfg`` itself for the setting, the baseline copy otherwise)."""
-    from setr.utils.config import plain
+    from setr.nodes import plain
 
     model = dict(plain(cfg.model))
     model["num_classes"] = int(cfg.data.num_classes)
@@ -548,7 +548,6 @@ def bench(cfg) -> dict[str, Any]:
     from setr.utils.config import check_config, extras
 
     check_config(cfg)
-    extras(cfg)
     opts = OmegaConf.to_container(cfg.get("bench") or OmegaConf.create({}), resolve=True)
     rounds = _positive_int(opts, "rounds")
     warmup = _positive_int(opts, "warmup", 0)
@@ -561,6 +560,7 @@ def bench(cfg) -> dict[str, Any]:
     if not skip <= known:
         raise SETRConfigError(f"bench.skip: unknown measure(s) {sorted(skip - known)}; choose from {sorted(known)}")
     device = resolve_device(opts.get("device"))
+    extras(cfg)  # after every check that needs nothing built: an error is the first thing printed
     if "fused_attn" not in (cfg.model.get("encoder") or {}) and not _encoder_accepts("fused_attn"):
         log.info("model.encoder.fused_attn: not in this tree's config yet; the setting keeps timm's default and "
                  "the baseline sets timm's Attention.fused_attn=False on each block")

@@ -302,11 +302,14 @@ def run(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf
 
     from setr.utils.config import extras
+    from setr.utils.schema import check_added_keys
 
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
-    extras(cfg)
-    summary = export(**options(cfg))
+    check_added_keys(cfg)  # a `+key` nothing reads: refused, not ignored
+    opts = options(cfg)
+    extras(cfg)  # after the checks of the options: an error is the first thing printed
+    summary = export(**opts)
     print_last_line(summary)
     if summary.get("check_passed") is False:
         print("error: check: the exported model differs from PyTorch (see max_abs_diff)", file=sys.stderr)

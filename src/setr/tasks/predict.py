@@ -32,7 +32,7 @@ from PIL import Image
 
 from setr.data.base import read_image
 from setr.errors import DataError, SETRConfigError
-from setr.inference import INFERENCE_KEYS, inference_config, predict_images
+from setr.inference import INFERENCE_KEYS, NonFiniteLogits, check_inference, inference_config, predict_images
 from setr.utils.launch import task_wrapper
 from setr.utils.output import print_last_line
 from setr.visualize import colorize, overlay, side_by_side_image
@@ -162,6 +162,7 @@ def predict_files(model: torch.nn.Module, paths: Sequence[str | Path], output_di
     out.mkdir(parents=True, exist_ok=True)
     palette = record.palette
     inf = inference_config(record, inference)
+    check_inference(inf, "inference")  # one line before any file is read or forward run
     stems = output_stems(paths)
     failures: list[str] = []
     outputs: dict[str, str] = {}
@@ -187,6 +188,9 @@ def predict_files(model: torch.nn.Module, paths: Sequence[str | Path], output_di
             pred = predict_images(model, images, inf, resize=resize, device=device)
         except torch.OutOfMemoryError:
             pred = None  # retried below, outside the handler: its traceback holds the batch's tensors
+        except NonFiniteLogits as e:  # broken weights: stop, no label is written from NaN / inf
+            names = ", ".join(str(paths[i]) for i in idx[:3]) + (", ..." if len(idx) > 3 else "")
+            raise NonFiniteLogits(f"{names}: {e}") from e
         if pred is not None:
             model_sizes[size_text(images[0].shape[:2])] = size_text(pred.input_size)
             for i, im, lab in zip(idx, images, pred.labels):
@@ -252,14 +256,15 @@ def predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     from setr.convert import load_model_or_convert
     from setr.utils.config import extras
+    from setr.utils.schema import check_added_keys
 
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
+    check_added_keys(cfg)  # a `+key` nothing reads (+batch_sz=8): refused, not ignored
     for key, what in (("ckpt_path", "a checkpoint written by src/train.py"),
                       ("input", "an image file, a folder or a glob pattern")):
         if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg[key] in (None, ""):
             raise SETRConfigError(f"{key}: required; pass {key}=<{what}>")
-    extras(cfg)
     batch_size = _positive_int(cfg.get("batch_size", 4), "batch_size")
     alpha = cfg.get("alpha", 0.5)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
@@ -271,6 +276,7 @@ def predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     override = OmegaConf.to_container(override, resolve=True) if isinstance(override, DictConfig) else override
     if override is not None and not isinstance(override, Mapping):
         raise SETRConfigError(f"inference: expected a mapping of {', '.join(INFERENCE_KEYS)} or null, got {override!r}")
+    extras(cfg)  # after the checks of the options: an error is the first thing printed
     paths = collect_inputs(cfg.input)
     device = resolve_device(cfg.get("device", "auto"))
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
@@ -287,6 +293,7 @@ def predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     model = load_model_or_convert(ckpt, map_location=device, num_heads=convert.get("num_heads"),
                                   out_indices=convert.get("out_indices"))
     record = model.record
+    check_inference(inference_config(record, override), "inference")
     print(f"{len(paths)} image(s) -> {out_dir} | {record.num_classes} classes | device {device} | "
           f"inference {inference_config(record, override)} | "
           f"test resize {describe_resize(record.test_pipeline, resize)}", flush=True)

@@ -60,7 +60,6 @@ def summarize(cfg) -> dict[str, Any]:
     from setr.utils.config import check_config, extras
 
     check_config(cfg)
-    extras(cfg)
     opts = OmegaConf.to_container(cfg.get("summary") or OmegaConf.create({}), resolve=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     want_flops = bool(opts.get("flops", True))
@@ -69,6 +68,7 @@ def summarize(cfg) -> dict[str, Any]:
     if size_value is None:
         size_value, size_key = cfg.data.get("crop_size"), "data.crop_size"
     input_size = size_pair(size_value, size_key) if want_flops else None
+    extras(cfg)  # after every check that needs nothing built: an error is the first thing printed
 
     model = build_meta_model(model_cfg)
     summary = summarize_model(model, input_size, flops=want_flops)

@@ -20,7 +20,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from setr.checkpoint import ModelRecord
 from setr.errors import SETRConfigError
+from setr.inference import check_inference
+from setr.nodes import plain
 from setr.training import SegDataModule, SETRModule
+from setr.training.checkpoint_io import use_atomic_checkpoints
+from setr.training.preemption import Preemption, watch_parent
 from setr.utils.config import (
     check_config,
     check_pretrained,
@@ -28,12 +32,12 @@ from setr.utils.config import (
     extras,
     instantiate_group,
     instantiate_trainer,
-    plain,
+    show_config,
 )
 from setr.utils.distributed import is_rank_zero, patch_lightning_hydra_ddp
 from setr.utils.launch import task_wrapper
 from setr.utils.output import collect_metrics, print_last_line, write_metrics
-from setr.utils.resume import resolve_ckpt_path
+from setr.utils.resume import check_resume, resolve_ckpt_path
 
 log = logging.getLogger("setr")
 
@@ -76,16 +80,23 @@ def build_callbacks(cfg: DictConfig, loggers: list[Any]) -> list[L.Callback]:
     return callbacks
 
 
-def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
-    check_config(cfg)
+def prepare(cfg: DictConfig) -> tuple[SegDataModule, ModelRecord]:
+    """The checks that need nothing built, then the data module (lazy) and the model record of the config."""
     if "compile" in cfg:  # a stale override must not silently train uncompiled
         raise SETRConfigError("compile: moved to model.compile (e.g. `model.compile=true`)")
+    check_config(cfg, data=True)  # every check that needs nothing built: before the config is printed
+    check_inference(plain(cfg.data.get("inference")))  # validation's windows cover every pixel, or one line
     if cfg.get("train", True):
         check_pretrained(cfg)  # a missing ImageNet weights file stops here, before any data or model is built
-    extras(cfg)
+    extras(cfg, print_tree=False)  # printed by _train after the checkpoint checks: an error comes first
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = SegDataModule(plain(cfg.data), seed=cfg.seed)
     record = ModelRecord.from_config(cfg, class_names=datamodule.class_names, palette=datamodule.palette)
+    return datamodule, record
+
+
+def build(cfg: DictConfig, record: ModelRecord, preemption: Preemption | None = None) -> tuple[SETRModule, L.Trainer]:
+    """The Lightning module, loggers, callbacks and trainer (after :func:`prepare`)."""
     module = SETRModule(
         record=record,
         optimizer=plain(cfg.get("optimizer") or {"name": "sgd", "lr": 0.01}),
@@ -94,7 +105,7 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     setup_wandb(cfg)
     loggers = instantiate_group(cfg.get("logger"), "logger")
-    callbacks = build_callbacks(cfg, loggers)
+    callbacks = build_callbacks(cfg, loggers) + ([preemption] if preemption is not None else [])
     trainer_cfg = plain(cfg.trainer)
     if trainer_cfg.get("sync_batchnorm") and cpu_only(trainer_cfg):
         log.info("trainer.sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only; keeping BatchNorm on CPU")
@@ -102,13 +113,36 @@ def build(cfg: DictConfig) -> tuple[SegDataModule, SETRModule, L.Trainer]:
     # always: `strategy` is a DDPStrategy node (no lowercase "ddp" in it) or "auto" with devices > 1 (DDP too)
     patch_lightning_hydra_ddp()
     trainer: L.Trainer = instantiate_trainer(trainer_cfg, callbacks=callbacks, logger=loggers or False)
-    return datamodule, module, trainer
+    use_atomic_checkpoints(trainer)  # a kill or a full disk never leaves a partial last.ckpt (whatever $TMPDIR is)
+    if preemption is not None:
+        preemption.trainer = trainer  # a signal before fit starts reaches the DDP processes it started
+    return module, trainer
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (and test with ``test=true``); returns the final metrics (``val/*`` of the final weights included)."""
-    datamodule, module, trainer = build(cfg)
+    """Fit (and test with ``test=true``); returns the final metrics (``val/*`` of the final weights included).
+
+    SIGTERM / SIGINT / SIGUSR1 are handled from here on (:mod:`setr.training.preemption`): during training they
+    save the current step and stop with exit code 128 + signal and the resume command; before or after, they
+    stop at once. A DDP process Lightning started for another rank exits when its rank 0 is gone."""
+    watch_parent()
+    preemption = Preemption()
+    preemption.install()
+    try:
+        return _train(cfg, preemption)
+    finally:
+        preemption.uninstall()
+
+
+def _train(cfg: DictConfig, preemption: Preemption) -> dict[str, float]:
+    datamodule, record = prepare(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path and cfg.get("train", True):  # another model: one line; a finished run: its metrics, nothing written
+        finished = check_resume(cfg, ckpt_path, record)
+        if finished is not None:
+            return finished
+    show_config(cfg)  # after every check: an error is the first thing a user sees
+    module, trainer = build(cfg, record, preemption)
     for lg in trainer.loggers:  # the full resolved config, not only the module's hyperparameters
         lg.log_hyperparams(module.run_config)
     if cfg.get("train", True):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from setr import report
@@ -77,11 +80,95 @@ class MetricReport(L.Callback):
 
 
 class Checkpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint``, with ``last.ckpt`` written after every validation.
+    """Lightning's ``ModelCheckpoint``, with ``last.ckpt`` written after every validation, and a checkpoint folder
+    that stays what ``save_top_k`` says across resumes.
 
-    Lightning 2.6 writes ``last.ckpt`` only when a top-k checkpoint was saved at the same step, so a validation
-    that did not improve the monitored score left ``last.ckpt`` at an older step: a run killed later resumed
-    from there and lost those steps, and the final ``last.ckpt`` need not hold the final weights."""
+    * Lightning 2.6 writes ``last.ckpt`` only when a top-k checkpoint was saved at the same step, so a validation
+      that did not improve the monitored score left ``last.ckpt`` at an older step: a run killed later resumed
+      from there and lost those steps, and the final ``last.ckpt`` need not hold the final weights.
+    * Lightning restores the top-k bookkeeping (``best_k_models``) only when the folder path stored in the
+      checkpoint is the same string as this run's: a run folder reached through another path (a symlinked
+      ``logs/``, ``resume=auto`` resolving it, a moved folder) lost it, and every resume then kept one more
+      ``step_*`` file. Here the folder is the same when it is the same directory on disk, or when the run resumes
+      from a checkpoint inside it; the stored paths are mapped into it.
+    * A run killed between two writes (after a new best ``step_*`` file and before ``last.ckpt``, or before the
+      old best was deleted) left files its checkpoint does not know, which were never deleted. On resume, the
+      top-k files of this folder that the restored state does not hold are deleted (the resumed run writes the
+      same steps again), and the file the run resumed from is deleted like any other when it leaves the top k
+      (Lightning keeps it forever).
+    * A file of the same name is overwritten, never kept beside a ``-v1`` copy (``enable_version_counter=False``
+      by default): a run folder holds one run (``conf/hydra/default.yaml``), so a ``last.ckpt`` or ``step_*`` file
+      already there is this run's own older state (a damaged ``last.ckpt`` the run fell back from, a step being
+      written again after a resume), and each write replaces it atomically (:mod:`setr.training.checkpoint_io`).
+    * Partial files of a killed writer are deleted when training starts.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer
+        if trainer.is_global_zero and stage == "fit" and self.dirpath and _is_local_file_protocol(self.dirpath):
+            from setr.utils.output import clean_partials
+
+            for p in clean_partials(self.dirpath):
+                log.info("checkpoints: deleted %s, the partial file of a write that was killed", p)
+
+    def _same_folder(self, stored: str | None) -> bool:
+        if not stored or not self.dirpath or not _is_local_file_protocol(self.dirpath):
+            return stored == self.dirpath
+        here = Path(self.dirpath)
+        if os.path.realpath(stored) == os.path.realpath(here):
+            return True
+        trainer = getattr(self, "_trainer", None)
+        resumed = getattr(trainer, "ckpt_path", None)
+        return bool(resumed) and os.path.realpath(Path(resumed).parent) == os.path.realpath(here)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stored = state_dict.get("dirpath", self.dirpath)
+        if stored != self.dirpath and self._same_folder(stored):
+            here = str(self.dirpath)
+
+            def moved(p: Any) -> Any:
+                return os.path.join(here, os.path.basename(p)) if isinstance(p, str) and p else p
+
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+                          **{k: moved(state_dict.get(k)) for k in ("best_model_path", "kth_best_model_path",
+                                                                    "last_model_path") if k in state_dict}}
+        super().load_state_dict(state_dict)
+
+    def _top_k_file(self, name: str) -> bool:
+        """Whether ``name`` is a file this callback's ``filename`` template writes (``-vN`` copies included)."""
+        parts = re.split(r"\{[^}]*\}", self.filename or "")
+        if not "".join(parts) or name.startswith(self.CHECKPOINT_NAME_LAST or "last"):
+            return False  # a template of placeholders only would match any file: none is taken for top-k
+        pattern = ".+?".join(re.escape(p) for p in parts)
+        return re.fullmatch(f"{pattern}(-v\\d+)?{re.escape(self.FILE_EXTENSION)}", name) is not None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not (trainer.ckpt_path and trainer.is_global_zero and self.dirpath and self.save_top_k > 0
+                and _is_local_file_protocol(self.dirpath) and os.path.isdir(self.dirpath)):
+            return
+        keep = {os.path.realpath(p) for p in [*self.best_k_models, self.best_model_path, self.last_model_path,
+                                              trainer.ckpt_path] if p}
+        for entry in sorted(os.scandir(self.dirpath), key=lambda e: e.name):
+            if entry.is_file() and self._top_k_file(entry.name) and os.path.realpath(entry.path) not in keep:
+                os.unlink(entry.path)
+                log.info("checkpoints: deleted %s, written after the step this run resumes from or left over by a "
+                         "kill (save_top_k=%d)", entry.path, self.save_top_k)
+
+    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
+        if super()._should_remove_checkpoint(trainer, previous, current):
+            return True
+        resumed = trainer.ckpt_path
+        return bool(previous != current and resumed and _is_local_file_protocol(previous) and self.dirpath
+                    and os.path.realpath(previous) == os.path.realpath(resumed)
+                    and os.path.realpath(Path(previous).parent) == os.path.realpath(self.dirpath)
+                    and self._top_k_file(Path(previous).name))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

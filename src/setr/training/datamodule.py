@@ -59,6 +59,12 @@ class ResumableLoader(DataLoader):
     """A DataLoader whose position in the epoch is saved in checkpoints (Lightning stores the state of loaders
     with ``state_dict``/``load_state_dict``), so a run resumed mid-epoch continues with the next batch.
 
+    A restored position belongs to the epoch it was saved in: it applies to the next iteration only when the
+    sampler is still at that epoch when iteration starts. A checkpoint taken on the last batch of an epoch holds a
+    finished epoch; Lightning then moves on (``set_epoch(epoch + 1)``) before it draws the next batch, and that
+    epoch must start at its first sample (applying the old position there skipped the whole epoch, so the resumed
+    run trained on the data order and augmentations of the epoch after).
+
     The position lives in the :class:`EpochSampler`. Lightning may rebuild the loader with a sampler of its own
     (``trainer.overfit_batches`` puts in a ``SequentialSampler``, which has no epoch): such a loader saves an
     empty state and ignores a saved one, since there is no epoch order to return to."""
@@ -66,11 +72,14 @@ class ResumableLoader(DataLoader):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._consumed = 0
-        self._restored = 0
+        self._resume: tuple[int, int] | None = None
 
     def __iter__(self):
-        self._consumed = self._restored
-        self._restored = 0
+        resume, self._resume = self._resume, None
+        self._consumed = 0
+        if resume is not None and isinstance(self.sampler, EpochSampler) and resume[0] == self.sampler.epoch:
+            self.sampler.start = resume[1] * self.batch_size
+            self._consumed = resume[1]
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
@@ -86,8 +95,7 @@ class ResumableLoader(DataLoader):
         if state.get("batch_size") != self.batch_size:
             return  # a different batch size: positions do not carry over, start the epoch afresh
         self.sampler.set_epoch(state["epoch"])
-        self.sampler.start = state["batches"] * self.batch_size
-        self._restored = state["batches"]
+        self._resume = (state["epoch"], state["batches"])
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -175,7 +183,12 @@ class SegDataModule(L.LightningDataModule):
     def _loader(self, ds: SegDataset, batch_size: int, train: bool) -> DataLoader:
         """Loaders shard by rank themselves (``trainer.use_distributed_sampler`` is off): training shuffles by
         ``(seed, epoch)``; evaluation gives each rank every world_size-th sample with no padding, so a
-        multi-process evaluation scores exactly the samples a single process scores."""
+        multi-process evaluation scores exactly the samples a single process scores.
+
+        Each loader draws its workers' base seed from a generator of its own, not from torch's global RNG (a
+        DataLoader takes one draw each time it starts iterating): the global RNG then serves the network alone
+        (drop path, dropout), and a resumed run that restores it (:meth:`SETRModule.on_load_checkpoint`) draws what
+        the straight run draws, although it starts its loaders at other moments."""
         workers = int(self.cfg.get("num_workers", 0))
         world, rank = self._world()
         drop_last = train and len(ds) >= batch_size * world
@@ -190,6 +203,7 @@ class SegDataModule(L.LightningDataModule):
             pin_memory=bool(self.cfg.get("pin_memory", False)),
             persistent_workers=bool(self.cfg.get("persistent_workers", False)) and workers > 0,
             collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed or 0),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -20,15 +20,20 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import MaxMetric
 
 from setr.checkpoint import ModelRecord, strip_compile_prefix
-from setr.errors import SETRConfigError
+from setr.errors import SETRConfigError, TrainingDiverged
 from setr.inference import infer
 from setr.metrics import SegMetrics
 from setr.models import SETR, build_setr
+from setr.nodes import plain
+from setr.training.loggers import continue_loggers
 from setr.training.optim import build_optimizer, build_scheduler
-from setr.utils.config import plain
+
+METRIC_STATE_KEY = "metric_state"  # the checkpoint entry of the metric state that outlives an evaluation
+RNG_STATE_KEY = "rng_state"  # the checkpoint entry of torch's RNG state (restored when a fit resumes)
 
 
 def pop_compile(record: ModelRecord, compile: bool | None = None) -> tuple[ModelRecord, bool]:
@@ -108,9 +113,23 @@ class SETRModule(L.LightningModule):
             aux = F.cross_entropy(logits.float(), target, ignore_index=ignore)
             parts[f"loss_aux{i}"] = aux
             total = total + w * aux
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss is {total.item()} at step {self.global_step}: lower optimizer.lr")
+        if not torch.isfinite(total):  # one host sync per step, as before; no more
+            raise TrainingDiverged(self._diverged_message(total.item()))
         return total, parts
+
+    def _diverged_message(self, value: float) -> str:
+        """One line: the step, and the settings that keep a run from diverging (with their current values)."""
+        lr = self.hparams.optimizer.get("lr") if isinstance(self.hparams.optimizer, Mapping) else None
+        trainer = self._trainer
+        clip = getattr(trainer, "gradient_clip_val", None) if trainer is not None else None
+        precision = str(getattr(trainer, "precision", "")) if trainer is not None else ""
+        hints = [f"lower optimizer.lr (now {lr})",
+                 f"lower trainer.gradient_clip_val (now {clip})" if clip else
+                 f"set trainer.gradient_clip_val (e.g. 1.0; now {'null' if clip is None else clip})"]
+        if precision.startswith("16"):
+            hints.append("use trainer.precision=bf16-mixed (or 32-true) instead of 16-mixed")
+        step = self.global_step if trainer is not None else "?"
+        return f"train/loss is {value} at step {step}: training diverged; {', '.join(hints)}"
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         outputs = self(batch["image"])
@@ -202,10 +221,57 @@ class SETRModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Besides the weights: the run's config, the state of the metrics that outlive an evaluation
+        (``metric_state``: without it a resumed run's ``val/mIoU_best`` forgot the validations before the resume)
+        and torch's RNG (``rng_state``). Lightning adds the rest: optimizer, schedule, loops, loader position,
+        callbacks (early stopping, checkpoint bookkeeping)."""
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
         run_config = getattr(self, "run_config", None)
         if run_config is not None:
             checkpoint["config"] = run_config
+        checkpoint[METRIC_STATE_KEY] = self._metric_state()
+        checkpoint[RNG_STATE_KEY] = self._rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the metric state; when a fit resumes, restore torch's RNG and continue the loggers' history at
+        the checkpoint's step."""
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
+        self._load_metric_state(checkpoint.get(METRIC_STATE_KEY) or {})
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._load_rng_state(checkpoint.get(RNG_STATE_KEY) or {}, trainer.strategy.root_device)
+            continue_loggers(trainer, int(checkpoint.get("global_step", 0)))
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        """torch's RNG (CPU, and the GPU this process trains on): drop path and dropout draw from it, so without
+        it a resumed run drew other masks than the straight run. The data does not draw from it (augmentations
+        are seeded per sample and epoch; the loaders have generators of their own). Under DDP the checkpoint holds
+        rank 0's state, which every rank restores: ranks seeded alike and running the same operations draw
+        alike."""
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    @staticmethod
+    def _load_rng_state(state: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        """The inverse of :meth:`_rng_state` (a checkpoint written before it was saved keeps the seeded RNG)."""
+        if "torch" in state:
+            torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
+        if "cuda" in state and device.type == "cuda":
+            torch.cuda.set_rng_state(torch.as_tensor(state["cuda"]).cpu(), device)
+
+    def _metric_state(self) -> dict[str, Any]:
+        """What the module's metrics carry from one evaluation to the next: the best ``val/mIoU`` so far (None
+        before the first validation). ``val_metrics`` / ``test_metrics`` are not saved: each evaluation starts
+        them afresh."""
+        best = self.val_miou_best
+        return {"val/mIoU_best": best.max_value.detach().cpu().clone() if best.update_count else None}
+
+    def _load_metric_state(self, state: dict[str, Any]) -> None:
+        """The inverse of :meth:`_metric_state`; a checkpoint without it (written before it was saved) restarts
+        the best score at the next validation."""
+        self.val_miou_best.reset()
+        best = state.get("val/mIoU_best")
+        if best is not None:
+            self.val_miou_best.update(torch.as_tensor(best).to(self.val_miou_best.device))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from setr.errors import SETRConfigError
 from setr.utils.distributed import is_rank_zero
@@ -29,25 +30,56 @@ QUIET_WARNINGS = (
 )
 
 
-def plain(node: Any) -> Any:
-    """A resolved plain-Python copy of an OmegaConf node (what a checkpoint may hold); other values unchanged."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+def check_config(cfg: DictConfig, data: bool = False) -> None:
+    """Catch the config mistakes that need nothing built, before the config is printed or anything heavy runs;
+    each raises one clear line naming the key. In order: a missing group, a ``+key`` that nothing reads, a
+    mandatory ``???`` key left unset, the learning rate, interpolations, the typed table of
+    :mod:`setr.utils.schema`. ``data``: the task reads the dataset (train, eval): its name is registered and
+    ``data.root`` exists (a file listing is not needed for that)."""
+    from setr.utils.schema import check_added_keys, check_types, first_missing, missing_line
 
-
-def check_config(cfg: DictConfig) -> None:
-    """Catch the common config mistakes before anything heavy happens; each raises one clear line."""
     for key in ("data", "model"):
         if key not in cfg or cfg[key] is None:
             raise SETRConfigError(f"{key}: missing config group; pick one with {key}=<name>")
+    check_added_keys(cfg)
+    missing = first_missing(cfg)
+    if missing:
+        raise SETRConfigError(missing_line(missing))
     if "optimizer" in cfg:
         lr = cfg.optimizer.get("lr")
-        if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
             raise SETRConfigError(f"optimizer.lr: must be a positive number, got {lr!r}")
     try:
         OmegaConf.to_container(cfg.data, resolve=True)
         OmegaConf.to_container(cfg.model, resolve=True)
     except Exception as e:
         raise SETRConfigError(f"config: {str(e).splitlines()[0]}") from e
+    check_types(cfg)
+    if data:
+        check_data_source(cfg.data)
+
+
+def check_data_source(data: DictConfig) -> None:
+    """What a data config names on disk, without listing a file: ``data.name`` is a registered dataset,
+    ``data.check`` a check level, ``data.root`` (when set) an existing folder."""
+    from pathlib import Path
+
+    from setr.data.check import check_level
+    from setr.data.layout import README_HINT
+    from setr.data.registry import DATASETS
+    from setr.errors import DataError
+
+    name = data.get("name")
+    if name not in DATASETS:
+        raise SETRConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
+    check_level(data.get("check", "quick"))
+    root = data.get("root")
+    if root is not None and not Path(str(root)).expanduser().is_dir():
+        # the layout line of the dataset's module, as its own check (setr.data.layout.resolve_root) words it
+        layout = getattr(sys.modules.get(DATASETS[name].__module__), "LAYOUT", None)
+        expects = f"data={name} expects {layout} under it" if isinstance(layout, str) else f"the folder of data={name}"
+        raise DataError(f"{Path(str(root)).expanduser()}: dataset root not found; set data.root ({expects}; "
+                        f"{README_HINT})")
 
 
 def check_pretrained(cfg: DictConfig) -> None:
@@ -69,8 +101,9 @@ def check_pretrained(cfg: DictConfig) -> None:
                  encoder.get("name"))
 
 
-def extras(cfg: DictConfig) -> None:
-    """``extras``: quiet Lightning's duplicate console handler, filter known warnings, print the config tree."""
+def extras(cfg: DictConfig, print_tree: bool = True) -> None:
+    """``extras``: quiet Lightning's duplicate console handler, filter known warnings, print the config tree
+    (``print_tree=False``: the caller prints it later with :func:`show_config`, after checks that need more)."""
     ex = cfg.get("extras") or {}
     # Lightning prints through its own console handler; Hydra's root handlers already show (and file) it
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -81,7 +114,13 @@ def extras(cfg: DictConfig) -> None:
     if ex.get("ignore_warnings"):
         for pattern in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
-    if ex.get("print_config") and is_rank_zero():
+    if print_tree:
+        show_config(cfg)
+
+
+def show_config(cfg: DictConfig) -> None:
+    """The config tree on rank 0, when ``extras.print_config`` is on."""
+    if (cfg.get("extras") or {}).get("print_config") and is_rank_zero():
         print_config(cfg)
 
 

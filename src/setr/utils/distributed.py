@@ -34,12 +34,42 @@ def patch_lightning_hydra_ddp() -> None:
             f'hydra.run.dir="{hc.runtime.output_dir}"',
             f"hydra.job.name={hc.job.name}_rank{local_rank}",
             "hydra.mode=RUN",  # hparams_search=optuna sets hydra.mode=MULTIRUN: a child must not start a study
-            "hydra.output_subdir=null",
-            "hydra/job_logging=disabled",
-            "~hydra.job_logging.handlers",  # conf/hydra/default.yaml's file handler would be left half-defined
-            "hydra/hydra_logging=disabled",
-            "extras.print_config=false",
+            *QUIET_RANK,
         ]
         return command, get_original_cwd()
 
     pl_launcher._hydra_subprocess_cmd = hydra_ddp_cmd
+    # the children find their parent by this (setr.training.preemption.watch_parent: a child whose rank 0 died
+    # during start-up exits instead of waiting 30 minutes in the rendezvous)
+    if not is_ddp_child():
+        os.environ["SETR_DDP_PARENT_PID"] = str(os.getpid())
+
+
+def is_ddp_child() -> bool:
+    """True in a DDP process Lightning's subprocess launcher started for ``LOCAL_RANK > 0``: rank 0 of this node
+    is its parent and exported ``SETR_DDP_PARENT_PID`` (:func:`patch_lightning_hydra_ddp`) before starting it."""
+    parent = os.environ.get("SETR_DDP_PARENT_PID", "")
+    return parent.isdigit() and int(parent) != os.getpid() and int(os.environ.get("LOCAL_RANK", "0")) > 0
+
+
+# Hydra overrides of a process that is not global rank 0: it writes into rank 0's run folder, so it keeps no
+# .hydra record, no log file and prints no config of its own.
+QUIET_RANK = (
+    "hydra.output_subdir=null",
+    "hydra/job_logging=disabled",
+    "~hydra.job_logging.handlers",  # conf/hydra/default.yaml's file handler would be left half-defined
+    "hydra/hydra_logging=disabled",
+    "extras.print_config=false",
+)
+
+
+def quiet_rank_argv(argv: list[str]) -> list[str]:
+    """``argv`` with :data:`QUIET_RANK` added in a process started as a rank other than 0 by its launcher
+    (``NODE_RANK`` / ``RANK`` / ``SLURM_PROCID``: one launch per node, torchrun, ``srun``), unless already there
+    (Lightning's own DDP children get them from :func:`patch_lightning_hydra_ddp`) or in a ``-m`` sweep.
+
+    Without them every node's launch wrote ``.hydra`` and truncated ``train.log`` in the shared run folder given
+    by ``hydra.run.dir`` (or made a folder of its own, empty but for those files)."""
+    if is_rank_zero() or "-m" in argv or "--multirun" in argv or QUIET_RANK[0] in argv:
+        return argv
+    return [*argv, *QUIET_RANK]
