@@ -5,24 +5,10 @@ attention, no gradient checkpointing, no compile, one sliding window per forward
 peak memory, inference images/s (whole, slide, multi-scale + flip), the data pipeline's images/s per worker and
 the workers needed, and (CUDA) the model FLOPs utilisation. Prints a table; the last stdout line is one JSON
 object. Logic: :mod:`setr.tasks.bench`; config: ``conf/bench.yaml``.
+The installed command ``setr-bench`` is the same, from any working folder (:mod:`setr.cli`).
 """
 
-import os
-from pathlib import Path
-
-os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
-
-import hydra
-
-from setr.utils.launch import launch
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
-def main(cfg):
-    from setr.tasks.bench import run
-
-    run(cfg)
-
+from setr.cli import bench
 
 if __name__ == "__main__":
-    launch(main)
+    bench()

@@ -5,24 +5,10 @@ classes and palette as metadata. The last stdout line is one JSON object (``form
 ``max_abs_diff``, ...); exit code 2 (one ``error: ...`` line) for a bad value or checkpoint, 1 when the exported
 file differs from PyTorch. ``python -m setr.export`` is the same command. Logic: :mod:`setr.tasks.export`;
 config: ``conf/export.yaml``.
+The installed command ``setr-export`` is the same, from any working folder (:mod:`setr.cli`).
 """
 
-import os
-from pathlib import Path
-
-os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
-
-import hydra
-
-from setr.utils.launch import launch
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
-def main(cfg):
-    from setr.tasks.export import run
-
-    run(cfg)
-
+from setr.cli import export
 
 if __name__ == "__main__":
-    launch(main)
+    export()

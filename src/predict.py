@@ -4,24 +4,10 @@ Writes ``<stem>_label.png`` (class ids with the checkpoint's palette) and ``<ste
 last stdout line is one JSON object ``{"processed", "failed", "failures", "output_dir", "device"}``; exit code 1
 when some images failed, 2 (one ``error: ...`` line) for a bad config or checkpoint. Logic:
 :mod:`setr.tasks.predict`; config: ``conf/predict.yaml``.
+The installed command ``setr-predict`` is the same, from any working folder (:mod:`setr.cli`).
 """
 
-import os
-from pathlib import Path
-
-os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
-
-import hydra
-
-from setr.utils.launch import launch
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
-def main(cfg):
-    from setr.tasks.predict import run
-
-    run(cfg)
-
+from setr.cli import predict
 
 if __name__ == "__main__":
-    launch(main)
+    predict()

@@ -2,25 +2,10 @@
 
 The last stdout line is one JSON object with the final metrics (also written to ``<run dir>/metrics.json``).
 Logic: :mod:`setr.tasks.train`; config: ``conf/train.yaml``.
+The installed command ``setr-train`` is the same, from any working folder (:mod:`setr.cli`).
 """
 
-import os
-from pathlib import Path
-
-os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
-
-import hydra
-
-from setr.utils.launch import launch
-from setr.utils.resume import apply_auto_resume
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg):
-    from setr.tasks.train import run
-
-    return run(cfg)  # the metric an Optuna sweep optimises
-
+from setr.cli import train
 
 if __name__ == "__main__":
-    launch(main, prepare=apply_auto_resume)
+    train()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from setr.paths import CONF_DIR
 
 
 def _compose(overrides: tuple[str, ...], config_name: str):

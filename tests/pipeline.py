@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from setr.paths import CONF_DIR, PROJECT_ROOT
+
+ROOT = PROJECT_ROOT  # the project (setr.paths: the one place that computes it)
+SUPPORT = Path(__file__).resolve().parent  # tests/: conftest, pipeline, fake_datasets (importable helpers)
+CONF = CONF_DIR
 
 
 def tiny_data(train: int = 24, val: int = 8) -> list[str]:

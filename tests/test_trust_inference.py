@@ -15,7 +15,7 @@ from PIL import Image
 
 import fake_datasets as fake
 from conftest import _compose, write_tiny_checkpoint
-from pipeline import last_json, run_entry
+from pipeline import CONF, last_json, run_entry
 from setr.errors import SETRConfigError
 
 
@@ -88,7 +88,7 @@ def test_data_configs_derive_the_stride_from_the_window(data, crop, stride):
 
 def test_paper_presets_keep_their_published_windows():
     """Every experiment preset composes to its data config's published stride (341 / 512 / 320)."""
-    presets = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
+    presets = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
     published = {"ade20k": (512, 341), "cityscapes": (768, 512), "pascal": (480, 320)}
     assert len(presets) > 30
     for name in presets:
@@ -217,7 +217,7 @@ def test_settings_sources_for_a_protocol_group_and_a_whole_node():
                          inference={"mode": "slide", "crop_size": 64, "stride": 32, "flip": False},
                          test_pipeline=[{"_target_": "setr.data.transforms.RandomRescale", "img_scale": [9, 9]}])
     inference, sources, pipeline, source = test_settings(cfg, record, overrides=["protocol=ms"], protocol="ms")
-    assert inference == {"mode": "slide", "crop_size": 64, "stride": 32, "flip": True, "img_scale": [520, 520],
+    assert inference == {"mode": "slide", "crop_size": 64, "stride": 32, "flip": True, "img_scale": [69, 69],
                          "scales": [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], "min_short": 64, "average": "probs"}
     assert {k for k, v in sources.items() if v == "record"} == {"mode", "crop_size", "stride"}
     assert pipeline == [] and source == "command line"
@@ -306,11 +306,11 @@ def _damaged(tmp_path: Path, good: Path) -> dict[str, Path]:
     ("random", "it is not a torch file"), ("html", "text / HTML page"),
     ("legacy_truncated", "it is truncated or damaged")])
 def test_a_damaged_checkpoint_is_named_as_such_not_sent_to_trust_pickle(tmp_path, name, why):
-    from setr.checkpoint import UnreadableCheckpoint, load_torch_file
+    from setr.files import UnreadableCheckpoint, read_torch_file
 
     path = _damaged(tmp_path, write_tiny_checkpoint(tmp_path / "good.ckpt", num_classes=3))[name]
     with pytest.raises(UnreadableCheckpoint) as e:
-        load_torch_file(path)
+        read_torch_file(path)
     msg = str(e.value)
     assert msg.startswith(f"ckpt_path: {path} is not a readable checkpoint: ") and why in msg, msg
     assert "trust-pickle" not in msg and "unpickling" not in msg and "\n" not in msg
@@ -335,10 +335,10 @@ def test_eval_predict_and_export_name_a_damaged_file(tmp_path):
 
 
 def test_a_real_pickle_still_gets_the_trust_pickle_hint(tmp_path):
-    from setr.checkpoint import UnreadableCheckpoint, load_torch_file
+    from setr.files import UnreadableCheckpoint, read_torch_file
 
     risky = tmp_path / "risky.ckpt"
     torch.save({"obj": Path("x")}, risky)
     with pytest.raises(SETRConfigError, match=r"needs arbitrary unpickling.*--trust-pickle") as e:
-        load_torch_file(risky)
+        read_torch_file(risky)
     assert not isinstance(e.value, UnreadableCheckpoint)

@@ -42,12 +42,45 @@ def slide_stride(crop: Any) -> Any:
     return [max(1, int(c) * 2 // 3) for c in crop]
 
 
+def scale_for_crop(crop: Any) -> list[int]:
+    """The rescale ``[long, short]`` that goes with a training crop (an int, or ``[height, width]``): each side
+    times 520/480, rounded (half up), the Pascal Context recipe's ratio (crop 480 in images rescaled to 520; 256 ->
+    277, 64 -> 69). ``conf/data/folder.yaml`` derives its train ``img_scale`` and its ``test_scale`` from
+    ``data.crop_size`` with ``${setr.scale_for_crop:${data.crop_size}}``, so setting the crop alone fits the recipe
+    to small images; a value set on the command line (``data.test_scale=[600,600]``) replaces the derived one."""
+    sides = (crop, crop) if isinstance(crop, (int, str)) else tuple(crop)
+    return [(int(c) * 520 + 240) // 480 for c in sides]
+
+
+def missing_dependency(error: ModuleNotFoundError) -> None:
+    """A package setr needs is not in this Python (``python src/train.py`` with a Python that is not the project's
+    ``.venv``): one line and exit code 2 when an entry-point script is running, else the error again with the
+    same advice."""
+    import sys
+    from pathlib import Path
+
+    advice = (f"No module named {error.name!r} in {sys.executable}: setr's dependencies are not installed in this "
+              "Python; run `make install` once, then use .venv/bin/python, the .venv/bin/setr-* commands or "
+              "`source .venv/bin/activate`")
+    main = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+    if Path(main).resolve().parent == Path(__file__).resolve().parents[1]:  # src/<task>.py
+        print(f"error: {advice}", file=sys.stderr)
+        raise SystemExit(2)
+    raise ModuleNotFoundError(advice, name=error.name) from error
+
+
 def _register_resolvers() -> None:
     """At import of any ``setr`` module, so every composed config (entry points, tests, notebooks) resolves."""
-    from omegaconf import OmegaConf
+    try:
+        from omegaconf import OmegaConf
+    except ModuleNotFoundError as e:
+        missing_dependency(e)
 
-    if not OmegaConf.has_resolver("setr.slide_stride"):
-        OmegaConf.register_new_resolver("setr.slide_stride", slide_stride)
+    # a list result as a ListConfig: OmegaConf.resolve (--cfg job --resolve) stores no plain list in a config
+    as_node = lambda v: OmegaConf.create(v) if isinstance(v, list) else v
+    for name, fn in (("setr.slide_stride", slide_stride), ("setr.scale_for_crop", scale_for_crop)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, lambda crop, fn=fn: as_node(fn(crop)))
 
 
 _register_resolvers()

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from setr.errors import SETRConfigError
+from setr.values import size_pair
 
 if TYPE_CHECKING:
     from setr.checkpoint import ModelRecord
@@ -59,18 +60,6 @@ AVERAGES = ("logits", "probs")
 class NonFiniteLogits(SETRConfigError):
     """The network returned NaN or infinite logits: argmax would make them a class, so nothing is scored or
     written from them (broken weights, or an overflow under the inference settings)."""
-
-
-def _pair(v, key: str, where: str = "data.inference") -> tuple[int, int]:
-    if isinstance(v, int):
-        v = (v, v)
-    try:
-        v = tuple(int(x) for x in v)
-    except (TypeError, ValueError) as e:
-        raise SETRConfigError(f"{where}.{key}: expected a size or (height, width), got {v!r}") from e
-    if len(v) != 2 or min(v) < 1:
-        raise SETRConfigError(f"{where}.{key}: expected positive sizes, got {v!r}")
-    return v
 
 
 # windows per forward on a CPU when data.inference.batch_size is null / auto (measured: README "Inference modes")
@@ -144,8 +133,8 @@ def slide(model, images: torch.Tensor, crop_size, stride, batch_size: int | str 
     """Sliding-window logits at the input size (mmseg grid: ``max(h - crop + stride - 1, 0) // stride + 1``),
     ``batch_size`` windows (of every image of the batch) per forward; None / ``auto``: :func:`auto_windows`.
     Every pixel is in at least one window (a stride longer than the crop is refused before any forward)."""
-    ch, cw = _pair(crop_size, "crop_size")
-    sh, sw = _pair(stride, "stride")
+    ch, cw = size_pair(crop_size, "data.inference.crop_size")
+    sh, sw = size_pair(stride, "data.inference.stride")
     _check_stride((ch, cw), (sh, sw))
     b, _, h, w = images.shape
     pad_h, pad_w = max(ch - h, 0), max(cw - w, 0)
@@ -222,7 +211,8 @@ def _check(cfg: Mapping, where: str = "data.inference") -> tuple[str, list[float
         for key in ("crop_size", "stride"):
             if cfg.get(key) is None:
                 raise SETRConfigError(f"{where}.{key}: required by mode 'slide'")
-        _check_stride(_pair(cfg["crop_size"], "crop_size", where), _pair(cfg["stride"], "stride", where), where)
+        _check_stride(size_pair(cfg["crop_size"], f"{where}.crop_size"), size_pair(cfg["stride"], f"{where}.stride"),
+                      where)
     average = cfg.get("average") or "logits"
     if average not in AVERAGES:
         raise SETRConfigError(f"{where}.average: {average!r}; choose one of {', '.join(AVERAGES)}")
@@ -231,7 +221,7 @@ def _check(cfg: Mapping, where: str = "data.inference") -> tuple[str, list[float
     except SETRConfigError as e:
         raise SETRConfigError(str(e).replace("data.inference.", f"{where}.", 1)) from e
     if cfg.get("img_scale") is not None:
-        _pair(cfg["img_scale"], "img_scale", where)
+        size_pair(cfg["img_scale"], f"{where}.img_scale")
     if cfg.get("min_short") is not None and (not isinstance(cfg["min_short"], int) or cfg["min_short"] < 1):
         raise SETRConfigError(f"{where}.min_short: expected a positive integer, got {cfg['min_short']!r}")
     if cfg.get("min_short") is not None and cfg.get("img_scale") is None:

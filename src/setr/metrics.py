@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from setr.data.base import IGNORE_INDEX
+from setr.values import IGNORE_INDEX
 
 
 class SegMetrics(MulticlassConfusionMatrix):

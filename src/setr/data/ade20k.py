@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from setr.data.base import IGNORE_INDEX, SegDataset, check_raw_values, reduce_zero_label
+from setr.data.base import SegDataset, check_raw_values, reduce_zero_label
 from setr.data.layout import files_by_key, pair_files, require_dir, resolve_root, split_folder
 from setr.data.palettes import ADE20K_CLASSES, ADE20K_PALETTE
 from setr.data.registry import register_dataset
+from setr.values import IGNORE_INDEX
 
 LAYOUT = "ADEChallengeData2016/{images,annotations}/{training,validation}"
 SPLITS = {"train": "training", "val": "validation", "test": "validation",

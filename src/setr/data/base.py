@@ -26,10 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from setr.errors import DataError
-
-IGNORE_INDEX = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from setr.values import IGNORE_INDEX
 
 
 def default_palette(n: int, seed: int = 7) -> list[tuple[int, int, int]]:

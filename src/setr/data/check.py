@@ -14,6 +14,10 @@ run; this check finds it in seconds, before training starts. Levels:
 The first problem stops with one :class:`setr.errors.DataError` line naming the file. With ``data.skip_bad``
 each rejected sample is left out and listed in ``dataset.skipped`` instead: the one mechanism by which bad
 samples are dropped. Datasets whose samples are not files (the synthetic one) have nothing to check.
+
+After the check, a dataset with a ``check_hint()`` method may add one advisory line (a warning, not an error) from
+what the check read: ``data=folder`` names a smaller ``data.crop_size`` when the crop is larger than every training
+image (:meth:`setr.data.folder.FolderDataset.check_hint`). Only the process of rank 0 says it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.progress import track
 
@@ -86,4 +91,8 @@ def check_dataset(ds: SegDataset, level: str = "quick", progress: bool | None = 
     seconds = time.perf_counter() - start
     log.info("data check %s: %d %s samples (%s) in %.2f s; %d skipped", level, n, split, type(ds).__name__,
              seconds, len(ds.skipped))
+    hint = getattr(ds, "check_hint", None)
+    line = hint() if callable(hint) else None
+    if line and rank_zero_only.rank == 0:
+        log.warning(line)
     return CheckResult(level, n, len(ds.skipped), seconds)

@@ -20,11 +20,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from setr.data.base import IGNORE_INDEX, SegDataset, check_raw_values
+from setr.data.base import SegDataset, check_raw_values
 from setr.data.layout import files_by_key, pair_files, require_dir, resolve_root, split_folder
 from setr.data.palettes import CITYSCAPES_CLASSES, CITYSCAPES_NUM_LABEL_IDS, CITYSCAPES_PALETTE, cityscapes_lut
 from setr.data.registry import register_dataset
 from setr.errors import DataError, SETRConfigError
+from setr.values import IGNORE_INDEX
 
 LAYOUT = "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png"
 IMAGE_SUFFIX = "_leftImg8bit"

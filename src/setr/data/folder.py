@@ -18,18 +18,22 @@ with a name and an RGB colour::
       - {name: road, color: [128, 64, 128]}
       - building                 # no colour: a fixed generated one
 
-Finding and pairing the files goes through :mod:`setr.data.layout`, as for every other dataset.
+Finding and pairing the files goes through :mod:`setr.data.layout`, as for every other dataset. When the training
+crop (``data.crop_size``, passed as ``crop_size``) is larger than every training image, the pre-flight check
+(:mod:`setr.data.check`) ends with one hint line naming the crop to set, from the image sizes its header reads
+found (no extra read of the files).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from setr.data.base import IGNORE_INDEX, SegDataset, check_raw_values, default_palette, reduce_zero_label
+from setr.data.base import SegDataset, check_raw_values, default_palette, reduce_zero_label
 from setr.data.layout import (
     README_HINT,
     files_by_key,
@@ -41,8 +45,13 @@ from setr.data.layout import (
 )
 from setr.data.registry import register_dataset
 from setr.errors import DataError, SETRConfigError
+from setr.values import IGNORE_INDEX, size_pair
 
 log = logging.getLogger("setr")
+
+# the hints given in this process: one line per image folder and crop, also when one split is built twice
+# (debug=overfit validates on the training split)
+_hinted: set[tuple[str, tuple[int, int]]] = set()
 
 
 # ------------------------------------------------------------------------------------------ classes file
@@ -99,12 +108,14 @@ class FolderDataset(SegDataset):
         reduce_zero_label: masks store ``1..C`` with 0 = ignore.
         image_dir, mask_dir: folder names under ``root``.
         mask_suffix: masks are named ``<stem><mask_suffix>.<ext>`` (e.g. ``_mask``).
+        crop_size: the training crop (``data.crop_size``, an int or ``[height, width]``): after the pre-flight
+            check of the ``train`` split, :meth:`check_hint` names a smaller crop when it exceeds every image.
     """
 
     def __init__(self, split: str = "train", root: str | Path | None = None, transform=None,
                  keep_original_mask: bool = False, skip_bad: bool = False, classes_file: str | Path | None = None,
                  num_classes: int | None = None, reduce_zero_label: bool = False, image_dir: str = "images",
-                 mask_dir: str = "masks", mask_suffix: str = "") -> None:
+                 mask_dir: str = "masks", mask_suffix: str = "", crop_size: int | Sequence[int] | None = None) -> None:
         super().__init__(transform=transform, keep_original_mask=keep_original_mask, skip_bad=skip_bad)
         layout = (f"{image_dir}/<split>/* and {mask_dir}/<split>/* "
                   f"(or {image_dir}/*, {mask_dir}/* and splits/<split>.txt)")
@@ -118,6 +129,7 @@ class FolderDataset(SegDataset):
                 f"data.num_classes: {num_classes} but {classes_path} lists {len(self.class_names)} classes; "
                 f"set data.num_classes={len(self.class_names)}")
         self.reduce_zero_label = reduce_zero_label
+        self.root = base
         self.split = split
         img_root = base / image_dir
         mask_root = require_dir(base / mask_dir, "data=folder", layout)
@@ -134,6 +146,9 @@ class FolderDataset(SegDataset):
         else:
             raise DataError(f"{img_root / split}: split folder not found, and no split list "
                             f"{base / 'splits' / (split + '.txt')}; expected {layout} ({README_HINT})")
+        self.crop_size = None if crop_size is None else size_pair(crop_size, "data.crop_size")
+        self.image_dir = img_dir
+        self.largest = (0, 0)  # (height, width): the largest of the image sizes read so far (check or loading)
         images, masks = files_by_key(img_dir), files_by_key(msk_dir, suffix=mask_suffix)
         lossy = next((p for p in masks.values() if p.suffix.lower() in (".jpg", ".jpeg")), None)
         if lossy is not None:
@@ -144,6 +159,40 @@ class FolderDataset(SegDataset):
         else:  # the list names the split's samples (in a flat folder, or narrowing a split folder)
             self.samples = pair_listed(read_split_list(split_list), split_list, images, masks, img_dir, msk_dir,
                                        skip_bad, self.skipped)
+
+    def check_pair(self, image_hw: tuple[int, int], mask_hw: tuple[int, int], img_path, mask_path) -> None:
+        """:meth:`SegDataset.check_pair`, noting the largest height and width of the images that pass: the
+        pre-flight check calls it with the sizes from the headers it reads, so :meth:`check_hint` costs nothing."""
+        super().check_pair(image_hw, mask_hw, img_path, mask_path)
+        self.largest = (max(self.largest[0], int(image_hw[0])), max(self.largest[1], int(image_hw[1])))
+
+    def check_hint(self) -> str | None:
+        """One hint line after the pre-flight check of the ``train`` split when the crop is larger than every
+        image in both sides (the recipe would upsample each image, then pad it to the crop), naming the crop to set:
+        the largest side (each side for a ``[height, width]`` crop), rounded down to a multiple of 16 (whole ViT
+        patches). None otherwise, with no crop given, and once it was said for this folder and crop."""
+        if self.crop_size is None or self.split != "train" or self.largest == (0, 0):
+            return None
+        (ch, cw), (h, w) = self.crop_size, self.largest
+        if ch <= h or cw <= w:
+            return None
+        if ch == cw:
+            new: int | list[int] = max(16, max(h, w) // 16 * 16)
+            if new >= ch:
+                return None
+        else:
+            new = [max(16, h // 16 * 16), max(16, w // 16 * 16)]
+            if new[0] >= ch and new[1] >= cw:
+                return None
+        key = (str(self.image_dir.resolve()), self.crop_size)
+        if key in _hinted:
+            return None
+        _hinted.add(key)
+        crop = ch if ch == cw else [ch, cw]
+        value = str(new).replace(" ", "")
+        folder = self.image_dir.relative_to(self.root) if self.image_dir.is_relative_to(self.root) else self.image_dir
+        return (f"data.crop_size {crop} is larger than your images (largest {w}x{h} in {folder}): "
+                f"set data.crop_size={value} (scales and the slide window follow it)")
 
     def map_labels(self, raw: np.ndarray, path: str | Path) -> np.ndarray:
         n = self.num_classes

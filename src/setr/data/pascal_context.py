@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from setr.data.base import IGNORE_INDEX, SegDataset, check_raw_values, reduce_zero_label
+from setr.data.base import SegDataset, check_raw_values, reduce_zero_label
 from setr.data.layout import files_by_key, pair_listed, read_split_list, require_dir, resolve_root, split_folder
 from setr.data.palettes import (
     PASCAL_CONTEXT_59_CLASSES,
@@ -34,6 +34,7 @@ from setr.data.palettes import (
 )
 from setr.data.registry import register_dataset
 from setr.errors import DataError
+from setr.values import IGNORE_INDEX
 
 LAYOUT = ("VOC2010/{JPEGImages,SegmentationClassContext,ImageSets/SegmentationContext/{train,val}.txt} "
           "(or VOCdevkit/VOC2010/...)")

@@ -180,8 +180,9 @@ def load_data_cfg(name: str, overrides: Sequence[str] = ()) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    conf_dir = Path(__file__).resolve().parents[3] / "conf"
-    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+    from setr.paths import conf_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         cfg = compose(config_name="train", overrides=[f"data={name}", *overrides])
     return OmegaConf.to_container(cfg.data, resolve=True)
 

@@ -13,9 +13,10 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from setr.data.base import IGNORE_INDEX, SegDataset
+from setr.data.base import SegDataset
 from setr.data.registry import register_dataset
 from setr.errors import SETRConfigError
+from setr.values import IGNORE_INDEX
 
 SHAPES = ("disc", "rectangle", "triangle", "ring", "cross", "diamond", "ellipse", "star")
 SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_003}

@@ -25,8 +25,8 @@ import torch
 from albumentations.augmentations.crops import functional as fcrops
 from albumentations.pytorch import ToTensorV2
 
-from setr.data.base import IGNORE_INDEX
 from setr.errors import SETRConfigError
+from setr.values import IGNORE_INDEX
 
 
 def rescale_size(h: int, w: int, scale: Sequence[int]) -> tuple[int, int]:

@@ -30,6 +30,8 @@ from setr.models.pretrained import (  # noqa: F401  (load_state_dict_file: re-ex
     pretrained_path,
     read_weights,
 )
+from setr.registry import Registry
+from setr.values import size_pair
 
 log = logging.getLogger("setr")
 
@@ -65,14 +67,13 @@ def resample_pos_grid(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, i
     return torch.cat([prefix, grid], dim=1)
 
 
-# friendly name -> timm architecture. The timm name fixes width, depth and heads; the image size is ours.
-ENCODERS: dict[str, str] = {
-    "vit_large_patch16": "vit_large_patch16_384",  # SETR T-Large: 24 layers, 1024 dim, 16 heads, MLP 4096
-    "vit_base_patch16": "vit_base_patch16_384",  # SETR T-Base: 12 layers, 768 dim, 12 heads
-    "deit_base_distilled_patch16": "deit_base_distilled_patch16_384",  # SETR-*-DeiT (cls + distillation token)
-    "vit_small_patch16": "vit_small_patch16_384",
-    "vit_tiny_patch16": "vit_tiny_patch16_384",
-}
+# ``model.encoder.name`` -> timm architecture. The timm name fixes width, depth and heads; the image size is ours.
+ENCODERS: Registry[str] = Registry("encoder")
+ENCODERS.add("vit_large_patch16", "vit_large_patch16_384")  # SETR T-Large: 24 layers, 1024 dim, 16 heads, MLP 4096
+ENCODERS.add("vit_base_patch16", "vit_base_patch16_384")  # SETR T-Base: 12 layers, 768 dim, 12 heads
+ENCODERS.add("deit_base_distilled_patch16", "deit_base_distilled_patch16_384")  # SETR-*-DeiT (cls + distillation)
+ENCODERS.add("vit_small_patch16", "vit_small_patch16_384")
+ENCODERS.add("vit_tiny_patch16", "vit_tiny_patch16_384")
 
 ARCH_OVERRIDES = ("embed_dim", "depth", "num_heads", "mlp_ratio")
 
@@ -123,22 +124,21 @@ class ViTEncoder(nn.Module):
         freeze: bool = False,
     ) -> None:
         super().__init__()
-        if name not in ENCODERS:
-            raise SETRConfigError(f"model.encoder.name: unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+        timm_arch = ENCODERS.lookup(name, "model.encoder.name")
         arch = dict(arch or {})
         unknown = set(arch) - set(ARCH_OVERRIDES)
         if unknown:
             raise SETRConfigError(
                 f"model.encoder.arch: unknown key(s) {sorted(unknown)}; allowed: {', '.join(ARCH_OVERRIDES)}"
             )
-        img_size = _pair(img_size, "model.encoder.img_size")
+        img_size = size_pair(img_size, "model.encoder.img_size")
         self.vit = timm.create_model(
-            ENCODERS[name],
+            timm_arch,
             pretrained=False,  # weights only ever come from local files (see load_pretrained)
             img_size=img_size,
             num_classes=0,
             # no pooling or classifier is ever run; DeiT's distilled model insists on its own 'token' pooling
-            **({} if "distilled" in ENCODERS[name] else {"global_pool": ""}),
+            **({} if "distilled" in timm_arch else {"global_pool": ""}),
             drop_rate=drop_rate,
             attn_drop_rate=attn_drop_rate,
             drop_path_rate=drop_path_rate,
@@ -356,12 +356,3 @@ def _names(keys: Sequence[str], limit: int = 8) -> str:
         return "none"
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
-
-
-def _pair(v, key: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        v = (v, v)
-    v = tuple(int(x) for x in v)
-    if len(v) != 2 or min(v) <= 0:
-        raise SETRConfigError(f"{key}: expected a positive size or (height, width), got {v}")
-    return v

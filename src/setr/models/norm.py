@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
-from setr.errors import SETRConfigError
+from setr.registry import Registry
 
-NORM_LAYERS = ("bn", "syncbn", "gn")
+# ``model.norm`` name -> builder of a 2-D norm for a number of channels
+NORM_LAYERS: Registry[Callable[[int], nn.Module]] = Registry("norm layer")
+
+
+@NORM_LAYERS.register("bn")
+def _batch_norm(channels: int) -> nn.Module:
+    """The default."""
+    return nn.BatchNorm2d(channels)
+
+
+@NORM_LAYERS.register("syncbn")
+def _sync_batch_norm(channels: int) -> nn.Module:
+    """For multi-GPU training: statistics over every device's batch (PyTorch refuses it on CPU, where the
+    Lightning module keeps ``bn``)."""
+    return nn.SyncBatchNorm(channels)
+
+
+@NORM_LAYERS.register("gn")
+def _group_norm(channels: int) -> nn.Module:
+    """32 groups (fewer for narrow maps): no batch statistics, so it suits tiny per-device batches."""
+    return nn.GroupNorm(min(32, channels), channels)
 
 
 def build_norm(kind: str, channels: int) -> nn.Module:
-    """Return the 2-D norm named ``kind`` for ``channels`` feature maps.
-
-    ``bn`` is the default; ``syncbn`` is for multi-GPU training (PyTorch refuses it on CPU, where the
-    Lightning module keeps ``bn``); ``gn`` (32 groups) suits tiny per-device batches.
-    """
-    if kind == "bn":
-        return nn.BatchNorm2d(channels)
-    if kind == "syncbn":
-        return nn.SyncBatchNorm(channels)
-    if kind == "gn":
-        return nn.GroupNorm(min(32, channels), channels)
-    raise SETRConfigError(f"model.norm: unknown norm layer {kind!r}; choose one of {', '.join(NORM_LAYERS)}")
+    """The 2-D norm ``model.norm`` names (a key of :data:`NORM_LAYERS`) for ``channels`` feature maps."""
+    return NORM_LAYERS.lookup(kind, "model.norm")(channels)
 
 
 class ChannelLayerNorm(nn.LayerNorm):

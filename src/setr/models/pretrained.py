@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from setr.errors import SETRConfigError
+from setr.files import read_safetensors_file, read_torch_file
 
 KEY = "model.encoder.pretrained"
 NO_WEIGHTS = ("", "none", "null")
@@ -41,7 +42,8 @@ class WeightsSource:
 
 
 _JX = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/"
-# the files the paper's rows start from (SETR_SPEC.md section 1a)
+# the files the paper's rows start from: the ViT URLs of the official code's default_cfgs (github.com/fudan-zvg/SETR,
+# mmseg/models/backbones/vit.py) and DeiT's release; README "Pretrained weights"
 KNOWN_WEIGHTS: dict[str, WeightsSource] = {
     "jx_vit_large_p16_384-b3be5167.pth": WeightsSource(
         "vit_large_patch16_384", "ViT-L/16, ImageNet-21k pre-trained, ImageNet-1k fine-tuned at 384 px",
@@ -163,35 +165,20 @@ def read_weights(path: str | Path) -> Weights:
     return Weights(state, fmt, dropped)
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` file into a flat state dict of tensors without
-    unpickling arbitrary objects; one clear error line naming the file otherwise."""
+def load_state_dict_file(path: str | Path, what: str = KEY) -> dict[str, torch.Tensor]:
+    """Read a ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` file into a flat state dict of tensors through the one
+    safe reader (:mod:`setr.files`: no arbitrary unpickling); one error line naming ``what`` and the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise SETRConfigError(f"{path}: pretrained weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any reader failure becomes one line naming the file
-        text = str(e)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if found:
-            raise SETRConfigError(
-                f"{path}: refused: it holds pickled Python objects ({found.group(1)}) that only arbitrary unpickling "
-                "could read, which may run code; re-save its tensors alone (torch.save(state_dict) or safetensors)"
-            ) from e
-        reason = re.search(r"WeightsUnpickler error: *(.+)", text.replace("\n", " "))
-        reason = reason.group(1).split(". ")[0].strip() if reason else (text.strip().splitlines() or [""])[0]
-        raise SETRConfigError(f"{path}: cannot read weights ({type(e).__name__}: {reason})") from e
+    if path.suffix == ".safetensors":
+        obj: Any = read_safetensors_file(path, what, kind="weights file")[0]
+    else:
+        obj = read_torch_file(path, what, kind="weights file",
+                              pickle_hint="re-save its tensors alone (torch.save(state_dict) or safetensors)")
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise SETRConfigError(f"{path}: not a state dict of tensors")
+        raise SETRConfigError(f"{what}: {path} is not a state dict of tensors")
     return obj
 
 
@@ -216,8 +203,9 @@ def is_mmseg_vit(state: dict) -> bool:
 
 
 def from_mmseg(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """mmsegmentation's ``VisionTransformer`` keys -> timm's (SETR_SPEC.md section 5a); q, k, v are stacked in the
-    same order in both, so tensors are copied as they are. Unknown keys keep their names (reported unexpected)."""
+    """mmsegmentation's ``VisionTransformer`` keys (its mmseg/models/backbones/vit.py) -> timm's; q, k, v are
+    stacked in the same order in both, so tensors are copied as they are. Unknown keys keep their names (reported
+    unexpected)."""
     out = {}
     for k, v in state.items():
         m = re.match(r"layers\.(\d+)\.(.*)", k)

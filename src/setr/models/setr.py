@@ -178,8 +178,7 @@ def build_setr(cfg: Mapping) -> SETR:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise SETRConfigError(f"model.num_classes: expected a positive integer, got {num_classes!r}")
     norm = cfg.get("norm", "bn")
-    if norm not in NORM_LAYERS:
-        raise SETRConfigError(f"model.norm: unknown norm layer {norm!r}; choose one of {', '.join(NORM_LAYERS)}")
+    NORM_LAYERS.lookup(norm, "model.norm")  # before any part is built: one line naming the key
     enc_cfg = _as_dict(cfg.get("encoder"), "model.encoder")
     head_cfg = _as_dict(cfg.get("head"), "model.head")
     unknown = set(head_cfg) - set(HEAD_KEYS)

@@ -1,13 +1,13 @@
 """``src/eval.py``: score a checkpoint on a dataset split with the test settings it was validated with.
 
-The checkpoint is read as weights only (:func:`setr.convert.read_or_convert`). Its record's test-time resize
-(``record.test_pipeline``) and inference settings (``record.inference``) are what it is scored with, so eval gives
-the number its training validated; a key named on the command line wins over the record's value
+The checkpoint is read as weights only (:func:`setr.checkpoint.read_checkpoint`, the one loader). Its record's
+test-time resize (``record.test_pipeline``) and inference settings (``record.inference``) are what it is scored
+with, so eval gives the number its training validated; a key named on the command line wins over the record's value
 (``data.inference.<key>=...``, ``data.val_pipeline=...`` / ``data.test_scale=...``, or a group that sets them:
 ``protocol=ms``), while the data config's own defaults never do (:func:`test_settings`). One line says which
 resize and inference settings ran and where each came from; the final JSON line (and ``metrics.json``) carries them
 (``eval/test_pipeline``, ``eval/inference`` and their sources). A released SETR checkpoint (official
-fudan-zvg/SETR or mmsegmentation) is taken directly: converted in memory with ``python -m setr.convert``'s
+fudan-zvg/SETR or mmsegmentation) is taken directly: converted in memory with ``setr-convert``'s
 defaults, the data config giving its class names, palette, inference settings and test resize (a line says so).
 The per-class table, CSV / JSON and confusion matrix come from the same
 :class:`~setr.training.callbacks.MetricReport` as in training. With a paper preset, the published number is shown
@@ -25,8 +25,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from setr.checkpoint import ModelRecord, network_state, record_of
-from setr.convert import read_or_convert
+from setr.checkpoint import Checkpoint, ModelRecord, read_checkpoint
 from setr.errors import SETRConfigError
 from setr.inference import INFERENCE_KEYS, check_inference, fill_slide
 from setr.nodes import plain
@@ -52,36 +51,12 @@ PROTOCOL_FALLBACK = {"data": {"val_pipeline": [], "inference": dict.fromkeys(
 RECORD, COMMAND_LINE, DATA_CONFIG = "record", "command line", "data config"
 
 
-def read_for_eval(path: str | Path, data: Mapping[str, Any] | None = None,
-                  convert: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], ModelRecord, bool]:
-    """(checkpoint dict, its record, whether it is a released checkpoint converted in memory just now). A released
-    SETR checkpoint is converted in memory, ``data`` (the data config) standing in for ``python -m setr.convert
-    --data`` and ``convert`` (``num_heads``, ``out_indices``) for its other flags; its record's settings are then
-    the data config's."""
-    convert = dict(convert or {})
-    ckpt = read_or_convert(path, data=data, num_heads=convert.get("num_heads"),
-                           out_indices=convert.get("out_indices"))
-    source = (ckpt.get("hyper_parameters") or {}).get("converted_from") or {}
-    # read_or_convert names the file it converted in memory as the source; a file converted on disk names its SRC
-    in_memory = source.get("source") == str(Path(path).expanduser())
-    return ckpt, record_of(ckpt, path), in_memory
-
-
-def module_of(ckpt: Mapping[str, Any], record: ModelRecord) -> SETRModule:
-    """The Lightning module of a checkpoint dict for evaluation (weights only, compile off) with ``record``."""
-    module = SETRModule(record=record, optimizer=ckpt["hyper_parameters"].get("optimizer"))
-    module.model.load_state_dict(network_state(ckpt["state_dict"]))
+def module_of(ckpt: Checkpoint, record: ModelRecord) -> SETRModule:
+    """The Lightning module of a checkpoint for evaluation (weights only, compile off) with ``record`` (the
+    checkpoint's, with the test settings eval runs with)."""
+    module = SETRModule(record=record, optimizer=ckpt.hyper_parameters.get("optimizer"))
+    ckpt.load_into(module.model)
     return module
-
-
-def load_module(path: str | Path, inference: dict[str, Any] | None = None,
-                data: Mapping[str, Any] | None = None, convert: Mapping[str, Any] | None = None) -> SETRModule:
-    """The Lightning module of a checkpoint for evaluation (weights only, compile off), with ``inference``
-    replacing the record's settings when given (see :func:`read_for_eval`)."""
-    ckpt, record, _ = read_for_eval(path, data, convert)
-    if inference:
-        record = dataclasses.replace(record, inference=inference)
-    return module_of(ckpt, record)
 
 
 # ------------------------------------------------------------------------------ which settings, from where
@@ -199,7 +174,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # for a released checkpoint: the data's class names and palette (the dataset's own when the config has none)
     hint = {**data, "class_names": plain(cfg.data.get("class_names")) or (lambda: datamodule.class_names),
             "palette": lambda: datamodule.palette}
-    ckpt, record, released = read_for_eval(str(cfg.ckpt_path), data=hint, convert=plain(cfg.get("convert")))
+    ckpt = read_checkpoint(str(cfg.ckpt_path), data=hint, convert=plain(cfg.get("convert")))
+    record, released = ckpt.record, ckpt.converted_now
     if record.num_classes != cfg.data.num_classes:
         raise SETRConfigError(
             f"data.num_classes: the checkpoint predicts {record.num_classes} classes, data={cfg.data.name} "
@@ -236,7 +212,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def _normal(inference: Mapping[str, Any]) -> dict[str, Any]:
     """Inference settings in one form for comparison (defaults filled, sizes as pairs, no ``batch_size``: the
     windows per forward never change the logits)."""
-    from setr.utils.config import size_pair
+    from setr.values import size_pair
 
     mode = inference.get("mode") or "whole"
     out: dict[str, Any] = {

@@ -1,4 +1,7 @@
-"""``src/export.py`` (and ``python -m setr.export``): a training checkpoint to ONNX or TorchScript for deployment.
+"""``setr-export`` (``src/export.py``, ``python -m setr.export``): a checkpoint to ONNX or TorchScript for deployment.
+
+The checkpoint is one of ``setr-train`` / ``setr-convert``, or a released SETR checkpoint (official fudan-zvg/SETR or
+mmsegmentation), converted in memory as ``setr-eval`` and ``setr-predict`` do (``convert.*`` keys).
 
     python src/export.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt            # -> last.onnx
     python src/export.py ckpt_path=... format=torchscript                                # -> last.pt
@@ -124,14 +127,17 @@ def metadata(record: ModelRecord) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------- export
 def export(ckpt_path: str | Path, format: str = "onnx", output: str | Path | None = None,
            height: int | None = None, width: int | None = None, opset: int | None = None,
-           exporter: str = DEFAULT_EXPORTER, dynamic: bool = True, check: bool = True, log=print) -> dict[str, Any]:
-    """Export ``ckpt_path``; returns the summary printed as the entry point's last line."""
+           exporter: str = DEFAULT_EXPORTER, dynamic: bool = True, check: bool = True,
+           convert: Mapping[str, Any] | None = None, log=print) -> dict[str, Any]:
+    """Export ``ckpt_path`` (a checkpoint of this project, or a released SETR checkpoint converted in memory,
+    ``convert`` giving ``setr-convert``'s flags: ``num_heads``, ``out_indices``, ``data``); returns the summary
+    printed as the entry point's last line."""
     import torch
 
     from setr.checkpoint import load_model
 
     check_options(format, output, height, width, opset, exporter, dynamic, check)
-    model = load_model(ckpt_path).float()  # one SETRConfigError line for a missing or foreign file
+    model = load_model(ckpt_path, convert=convert).float()  # one SETRConfigError line for a missing or foreign file
     record = model.record
     out = Path(output).expanduser() if output else default_output(ckpt_path, format)
     try:
@@ -287,10 +293,11 @@ def options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     if "ckpt_path" not in cfg or OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path in (None, ""):
-        raise SETRConfigError("ckpt_path: required; pass ckpt_path=<a checkpoint written by src/train.py>")
+        raise SETRConfigError("ckpt_path: required; pass ckpt_path=<a checkpoint written by setr-train>")
     opts = {key: cfg.get(key) for key in OPTIONS if key in cfg}
     check_options(**opts)
-    return {"ckpt_path": str(cfg.ckpt_path), **opts}
+    convert = OmegaConf.to_container(cfg.convert, resolve=True) if isinstance(cfg.get("convert"), Mapping) else None
+    return {"ckpt_path": str(cfg.ckpt_path), **opts, "convert": convert}
 
 
 @task_wrapper

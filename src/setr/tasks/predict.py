@@ -11,7 +11,7 @@ overwritten. Each photo first gets the checkpoint's test-time resize (``record.t
 short side 512: the scale the model was trained and validated at; ``resize=false`` keeps the native size), and
 the logits are resized back, so every output has the photo's size. ``batch_size`` images of one size go through
 one forward. ``ckpt_path`` may also be a released SETR checkpoint (official or mmsegmentation): it is converted
-in memory with ``python -m setr.convert``'s defaults. The array-level steps (resize, normalise, infer, argmax)
+in memory with ``setr-convert``'s defaults. The array-level steps (resize, normalise, infer, argmax)
 are :func:`setr.inference.predict_images`, which the notebooks call too; this module adds files, batching,
 failures and the outputs.
 """
@@ -35,6 +35,7 @@ from setr.errors import DataError, SETRConfigError
 from setr.inference import INFERENCE_KEYS, NonFiniteLogits, check_inference, inference_config, predict_images
 from setr.utils.launch import task_wrapper
 from setr.utils.output import print_last_line
+from setr.values import positive_int, resolve_device
 from setr.visualize import colorize, overlay, side_by_side_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -91,25 +92,6 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- predicting
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """``auto`` -> ``cuda`` when a GPU is available, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` as given."""
-    text = str(name or "auto").strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError) as e:
-        raise SETRConfigError(f"device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise SETRConfigError(f"device: unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SETRConfigError(f"device: {name} requested but no CUDA GPU is available; use device=auto or cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SETRConfigError(f"device: {name} requested but only {torch.cuda.device_count()} GPU(s) exist")
-    return dev
-
-
 def plan_batches(paths: Sequence[Path], batch_size: int) -> list[list[int]]:
     """Indices of ``paths`` in batches of at most ``batch_size`` images of one size (read from the file
     headers), in order of first appearance; a file whose header cannot be read gets a batch of its own."""
@@ -229,12 +211,6 @@ def predict_files(model: torch.nn.Module, paths: Sequence[str | Path], output_di
 
 
 # --------------------------------------------------------------------------------------- entry point
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SETRConfigError(f"{key}: must be a positive integer, got {value!r}")
-    return value
-
-
 def describe_resize(steps: Sequence[Mapping[str, Any]], resize: bool) -> str:
     """The test-time resize in a few words for the header line: ``RandomRescale(img_scale=[2048, 512], ...)``."""
     if not resize:
@@ -254,18 +230,18 @@ def predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
     (``model_sizes``: for each photo size "WxH", the size the network ran at)."""
     from omegaconf import DictConfig, OmegaConf
 
-    from setr.convert import load_model_or_convert
+    from setr.checkpoint import load_model
     from setr.utils.config import extras
     from setr.utils.schema import check_added_keys
 
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
     check_added_keys(cfg)  # a `+key` nothing reads (+batch_sz=8): refused, not ignored
-    for key, what in (("ckpt_path", "a checkpoint written by src/train.py"),
+    for key, what in (("ckpt_path", "a checkpoint written by setr-train"),
                       ("input", "an image file, a folder or a glob pattern")):
         if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg[key] in (None, ""):
             raise SETRConfigError(f"{key}: required; pass {key}=<{what}>")
-    batch_size = _positive_int(cfg.get("batch_size", 4), "batch_size")
+    batch_size = positive_int(cfg.get("batch_size", 4), "batch_size")
     alpha = cfg.get("alpha", 0.5)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise SETRConfigError(f"alpha: must be a number in [0, 1], got {alpha!r}")
@@ -290,8 +266,7 @@ def predict(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     # one SETRConfigError line if unusable; a released SETR checkpoint is converted in memory (a line says so)
     convert = OmegaConf.to_container(cfg.convert, resolve=True) if isinstance(cfg.get("convert"), DictConfig) else {}
-    model = load_model_or_convert(ckpt, map_location=device, num_heads=convert.get("num_heads"),
-                                  out_indices=convert.get("out_indices"))
+    model = load_model(ckpt, map_location=device, convert=convert)
     record = model.record
     check_inference(inference_config(record, override), "inference")
     print(f"{len(paths)} image(s) -> {out_dir} | {record.num_classes} classes | device {device} | "

@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from setr.models.summary import build_meta_model, summarize_model
-from setr.utils.config import size_pair
 from setr.utils.launch import task_wrapper
 from setr.utils.output import print_last_line
+from setr.values import size_pair
 
 
 # ------------------------------------------------------------------------------------------ printing

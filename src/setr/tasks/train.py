@@ -24,6 +24,7 @@ from setr.inference import check_inference
 from setr.nodes import plain
 from setr.training import SegDataModule, SETRModule
 from setr.training.checkpoint_io import use_atomic_checkpoints
+from setr.training.loggers import log_wandb_run_line
 from setr.training.preemption import Preemption, watch_parent
 from setr.utils.config import (
     check_config,
@@ -132,6 +133,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return _train(cfg, preemption)
     finally:
         preemption.uninstall()
+        log_wandb_run_line()  # offline: the `wandb sync` command of this run's folder (also when it stopped early)
 
 
 def _train(cfg: DictConfig, preemption: Preemption) -> dict[str, float]:

@@ -15,6 +15,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 from setr import report
+from setr.training.loggers import log_wandb_confusion_chart
 from setr.visualize import denormalize
 
 log = logging.getLogger("setr")
@@ -28,7 +29,8 @@ def _wandb_loggers(trainer: L.Trainer) -> list[Any]:
 
 class MetricReport(L.Callback):
     """The one owner of metric reports: the per-class console table, ``<split>_scores.csv/json``,
-    ``<split>_confusion.csv/png`` in ``output_dir``, and the per-class table and confusion image in W&B.
+    ``<split>_confusion.csv/png`` in ``output_dir``, and in W&B the per-class table, the confusion image and
+    ``<split>/confusion_matrix``, W&B's interactive chart of the same matrix.
 
     The numbers are those of the module's metric object for the split (:meth:`SETRModule.metrics_for`), read
     after the evaluation ends: its ``compute()`` is the result all-reduced over processes, so under DDP the
@@ -57,8 +59,10 @@ class MetricReport(L.Callback):
         out = Path(self.output_dir or trainer.default_root_dir)
         report.print_table(scores, names, title=f"{split} scores (step {trainer.global_step})")
         paths = report.save_report(scores, names, out, scores["confmat"], prefix=split)
-        report.log_to_wandb(_wandb_loggers(trainer), scores, names, prefix=split, step=trainer.global_step,
+        wandb_loggers = _wandb_loggers(trainer)
+        report.log_to_wandb(wandb_loggers, scores, names, prefix=split, step=trainer.global_step,
                             confusion_png=paths["confusion_png"])
+        log_wandb_confusion_chart(wandb_loggers, scores["confmat"], names, prefix=split, step=trainer.global_step)
         log.info("%s report: %s", split, ", ".join(str(p) for p in paths.values()))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

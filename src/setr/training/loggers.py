@@ -18,6 +18,10 @@ appear twice. Here, when a run resumes from a checkpoint taken at global step ``
 Lightning writes the loggers' files after every value it logs, so a run killed with SIGKILL has on disk every value
 logged before its last checkpoint. When ``metrics.csv`` is rewritten (a new column appears, a run resumes) the new
 file replaces the old one atomically: Lightning truncated it first, so a kill during the rewrite lost the history.
+
+W&B helpers: :func:`log_wandb_confusion_chart` (the confusion matrix as W&B's interactive chart) and
+:func:`wandb_run_line` (the ``wandb sync`` command of an offline run, or the URL of an online one, that
+:func:`setr.tasks.train.train` prints at the end of the run).
 """
 
 from __future__ import annotations
@@ -25,13 +29,19 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -145,8 +155,101 @@ class TensorBoardLogger(_TensorBoardLogger):
         self._kwargs.pop("purge_step")
 
 
+class WandbLogger(_WandbLogger):
+    """Lightning's ``WandbLogger`` without the ``anonymous=None`` it always passes to ``wandb.init``: wandb 0.31
+    prints a warning for that setting ("has no effect") on every run. An ``anonymous`` given is passed on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
 def continue_loggers(trainer: L.Trainer, step: int) -> None:
     """A fit resumes from a checkpoint at global step ``step``: each logger that can continues its history there."""
     for lg in trainer.loggers:
         if hasattr(lg, "continue_from"):
             lg.continue_from(step)
+
+
+def confusion_chart_rows(confmat: Any, class_names: Sequence[str], max_rows: int) -> list[list[Any]]:
+    """The ``[Actual, Predicted, nPredictions]`` rows of W&B's confusion-matrix chart for an aggregated matrix
+    (rows: label, columns: prediction, pixel counts), in row-major order: every cell, as
+    ``wandb.plot.confusion_matrix`` writes them; when that is more than ``max_rows`` (W&B truncates a logged table
+    to ``wandb.Table.MAX_ROWS``: ADE20K's 150 classes make 22,500 cells), the non-zero cells, and of those, if
+    still too many, the ``max_rows`` largest counts (the chart leaves the others blank)."""
+    if hasattr(confmat, "detach"):  # a torch tensor, maybe on the GPU
+        confmat = confmat.detach().cpu()
+    cm = np.asarray(confmat, dtype=np.int64)
+    n = len(class_names)
+    if cm.shape != (n, n):
+        raise ValueError(f"a {cm.shape} confusion matrix for {n} class names")
+    cells = [(i, j) for i in range(n) for j in range(n)]
+    if len(cells) > max_rows:
+        cells = [(i, j) for i, j in cells if cm[i, j]]
+        if len(cells) > max_rows:
+            keep = set(sorted(cells, key=lambda c: -cm[c])[:max_rows])
+            log.info("wandb: the confusion chart shows the %d largest of its %d non-zero cells", max_rows, len(cells))
+            cells = [c for c in cells if c in keep]
+    return [[class_names[i], class_names[j], int(cm[i, j])] for i, j in cells]
+
+
+def wandb_confusion_chart(confmat: Any, class_names: Sequence[str], title: str) -> Any:
+    """W&B's interactive confusion-matrix chart (the ``wandb/confusion_matrix/v1`` preset that
+    ``wandb.plot.confusion_matrix`` uses) of an already aggregated matrix: ``wandb.plot.confusion_matrix`` wants one
+    label and one prediction per sample, which for segmentation would be every pixel of the split."""
+    import wandb
+
+    columns = ["Actual", "Predicted", "nPredictions"]
+    table = wandb.Table(columns=columns, data=confusion_chart_rows(confmat, class_names, wandb.Table.MAX_ROWS))
+    return wandb.plot_table("wandb/confusion_matrix/v1", table, {c: c for c in columns}, {"title": title})
+
+
+def log_wandb_confusion_chart(loggers: Sequence[Any], confmat: Any, class_names: Sequence[str], prefix: str = "val",
+                              step: int | None = None) -> int:
+    """Log ``<prefix>/confusion_matrix``, the interactive chart of ``confmat``, to every W&B logger in ``loggers``;
+    returns how many."""
+    targets = [lg for lg in loggers if isinstance(lg, _WandbLogger)]
+    if not targets:
+        return 0
+    title = f"{prefix} confusion matrix (pixels" + (f", step {step})" if step is not None else ")")
+    payload: dict[str, Any] = {f"{prefix}/confusion_matrix": wandb_confusion_chart(confmat, class_names, title)}
+    if step is not None:
+        payload["trainer/global_step"] = step
+    for lg in targets:
+        lg.experiment.log(payload)
+    return len(targets)
+
+
+def wandb_run_line(run: Any = None) -> str | None:
+    """Where the W&B run ``run`` (default: this process's active run) went, in one line: for an offline run, the
+    command that uploads it, ``wandb sync`` with its offline folder (``<run dir>/wandb/offline-run-<time>-<id>``),
+    preceded by the earlier folders of the same run id a resumed run left there (``wandb sync`` uploads them in
+    order and skips those already uploaded); for an online run, its URL. ``None`` without a W&B run, or with
+    ``WANDB_MODE=disabled``."""
+    if run is None:
+        wandb = sys.modules.get("wandb")  # not imported: no W&B run in this process
+        run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return None
+    mode = str(getattr(run.settings, "mode", "") or "")
+    if mode in ("offline", "dryrun") or getattr(run, "offline", False):
+        here = Path(run.settings.sync_dir)
+        if not here.is_dir():
+            return None
+        folders = sorted(p for p in here.parent.glob(f"offline-run-*-{run.id}") if p.is_dir() and p != here)
+        paths = " ".join(shlex.quote(str(p)) for p in [*folders, here])
+        return f"wandb: offline run saved; upload it with: wandb sync {paths}"
+    url = getattr(run, "url", None)
+    return f"wandb: run at {url}" if url else None
+
+
+def log_wandb_run_line() -> None:
+    """Log :func:`wandb_run_line` of this process's W&B run, if it has one (at the end of a run, ended or stopped)."""
+    try:
+        line = wandb_run_line()
+    except Exception as e:  # a hint: it never replaces the error a stopped run is reporting
+        log.debug("wandb: no sync line (%s: %s)", type(e).__name__, e)
+        return
+    if line:
+        log.info("%s", line)

@@ -70,13 +70,12 @@ def check_data_source(data: DictConfig) -> None:
     from setr.errors import DataError
 
     name = data.get("name")
-    if name not in DATASETS:
-        raise SETRConfigError(f"data.name: unknown dataset {name!r}; choose one of {', '.join(sorted(DATASETS))}")
+    dataset = DATASETS.lookup(name, "data.name")
     check_level(data.get("check", "quick"))
     root = data.get("root")
     if root is not None and not Path(str(root)).expanduser().is_dir():
         # the layout line of the dataset's module, as its own check (setr.data.layout.resolve_root) words it
-        layout = getattr(sys.modules.get(DATASETS[name].__module__), "LAYOUT", None)
+        layout = getattr(sys.modules.get(dataset.__module__), "LAYOUT", None)
         expects = f"data={name} expects {layout} under it" if isinstance(layout, str) else f"the folder of data={name}"
         raise DataError(f"{Path(str(root)).expanduser()}: dataset root not found; set data.root ({expects}; "
                         f"{README_HINT})")
@@ -168,16 +167,3 @@ def instantiate_trainer(trainer_cfg: Mapping, **kwargs: Any) -> Any:
     except Exception as e:
         cause = e.__cause__ or e
         raise SETRConfigError(f"trainer: {str(cause).splitlines()[0]}") from e
-
-
-def size_pair(value: Any, key: str) -> tuple[int, int]:
-    """An int or ``[height, width]`` config value as a positive ``(height, width)``; one line naming ``key`` else."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise SETRConfigError(f"{key}: expected a size or [height, width], got {value!r}") from None
-    if h <= 0 or w <= 0:
-        raise SETRConfigError(f"{key}: sizes must be positive, got {value!r}")
-    return h, w

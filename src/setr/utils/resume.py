@@ -34,11 +34,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from setr.errors import SETRConfigError
+from setr.paths import conf_dir
 
 log = logging.getLogger("setr")
 
 IDENTITY = ("task_name", "experiment", "model", "data")
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 
 # Keys of a record's ``model`` node that are run settings, not what the weights are: a run may be resumed with
 # them changed (e.g. activation checkpointing switched on after an out-of-memory error). Paths under ``model.``;
@@ -135,25 +135,19 @@ _PEEKS: dict[tuple[str, int, int], Peek] = {}
 def peek(path: str | Path, what: str = "ckpt_path") -> Peek:
     """The global step and record of a checkpoint, read with its tensors memory-mapped (nothing read in full);
     cached per file version. An unreadable file raises one :class:`SETRConfigError` line naming it and why
-    (:func:`setr.checkpoint.load_torch_file`: missing, empty, truncated, not a torch file, ...)."""
-    import torch
-
-    from setr.checkpoint import _numpy_safe_globals, load_torch_file
+    (:func:`setr.files.read_torch_file`: missing, empty, truncated, not a torch file, ...)."""
+    from setr.files import read_torch_file
 
     path = Path(path).expanduser()
     if not path.is_file():
-        load_torch_file(path, what=what)  # raises "not found"
+        read_torch_file(path, what=what)  # raises "not found"
     st = path.stat()
     key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
     if key in _PEEKS:
         return _PEEKS[key]
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip file (mmap needs one), or unreadable: read it whole, or say why in one line
-        ckpt = load_torch_file(path, what=what)
+    ckpt = read_torch_file(path, what=what, mmap=True)
     if not isinstance(ckpt, Mapping):
-        raise SETRConfigError(f"{what}: {path} is not a checkpoint written by src/train.py (no state_dict)")
+        raise SETRConfigError(f"{what}: {path} is not a checkpoint written by setr-train (no state_dict)")
     record = (ckpt.get("hyper_parameters") or {}).get("record")
     step = ckpt.get("global_step")
     _PEEKS[key] = Peek(int(step) if isinstance(step, int) else 0, dict(record) if isinstance(record, Mapping) else None)
@@ -185,7 +179,7 @@ def choose_checkpoint(run_dir: Path, what: str = "resume") -> tuple[Choice | Non
             bad[f.name] = _why(str(e), f)
             continue
         if info.record is None:
-            bad[f.name] = "no model record: not a checkpoint written by src/train.py"
+            bad[f.name] = "no model record: not a checkpoint written by setr-train"
             continue
         found.append((f, info))
     reasons = [f"{name}: {why}" for name, why in bad.items()]
@@ -208,7 +202,7 @@ def choose_checkpoint(run_dir: Path, what: str = "resume") -> tuple[Choice | Non
 def _why(message: str, path: Path) -> str:
     """The reason in a :func:`peek` error line, without the file's name."""
     tail = message.split(str(path), 1)[-1].strip(" :") if str(path) in message else message
-    for lead in ("is not a readable checkpoint:", "is not a checkpoint written by src/train.py"):
+    for lead in ("is not a readable checkpoint:", "is not a checkpoint written by setr-train"):
         if tail.startswith(lead):
             tail = tail[len(lead):].strip() or lead
     return tail[1:-1] if tail.startswith("(") and tail.endswith(")") else tail
@@ -281,7 +275,7 @@ def _compose(overrides: Iterable[str], config_name: str) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
 
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return compose(config_name, overrides=list(overrides), return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()  # @hydra.main initialises its own
@@ -384,7 +378,7 @@ def check_resume(cfg: DictConfig, ckpt_path: str | Path, record: Any) -> dict[st
     path = Path(ckpt_path)
     info = peek(path, what)
     if info.record is None:
-        raise SETRConfigError(f"{what}: {path} is not a checkpoint written by src/train.py (no model record)")
+        raise SETRConfigError(f"{what}: {path} is not a checkpoint written by setr-train (no model record)")
     choice = Choice(path, info.step, info.record)
     _refuse_other_model(choice, record, what)
     max_steps = max_steps_of(cfg)

@@ -23,6 +23,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from setr.errors import SETRConfigError
+from setr.values import IGNORE_INDEX
 
 # ------------------------------------------------------------------------------------------ value checks
 # Each check returns None when the value is fine, else what was expected (the error line's "expected ...").
@@ -240,9 +241,8 @@ TYPES: dict[str, Check | Lazy] = {
     "model.resize": Lazy(lambda: choice(_resize_modes())),
 }
 
-# The label value that means "not labelled": every dataset, the label check and the crop padding write 255
-# (setr.data.base.IGNORE_INDEX), so another data.ignore_index would score the padding as a class.
-IGNORE_INDEX = 255
+# The label value that means "not labelled" (setr.values.IGNORE_INDEX): every dataset, the label check and the
+# crop padding write it, so another data.ignore_index would score the padding as a class.
 
 # what a `???` key is and how to set it (the error line of a mandatory key left unset)
 MISSING_HINTS = {
