@@ -54,10 +54,11 @@ def tiny_setr() -> Callable[..., object]:
 
 
 def write_tiny_checkpoint(path: Path, head: str = "naive", crop: int = 64, num_classes: int = 4, seed: int = 0,
-                          inference: dict | None = None, test_pipeline: list | None = None) -> Path:
+                          inference: dict | None = None, test_pipeline: list | None = None,
+                          record=None) -> Path:
     """A checkpoint in src/train.py's format (``hyper_parameters.record`` + ``state_dict``) of a tiny seeded SETR
     with the synthetic dataset's class names and palette: what predict / export / eval read, without a training
-    run."""
+    run. ``record``: another model's record (the other arguments but ``seed`` are then unused)."""
     import lightning
     import torch
 
@@ -67,7 +68,7 @@ def write_tiny_checkpoint(path: Path, head: str = "naive", crop: int = 64, num_c
 
     data = SyntheticShapes(num_samples=1, num_classes=num_classes)
     torch.manual_seed(seed)
-    record = ModelRecord(model=tiny_model_cfg(head, crop, num_classes), class_names=list(data.class_names),
+    record = record or ModelRecord(model=tiny_model_cfg(head, crop, num_classes), class_names=list(data.class_names),
                          palette=[list(c) for c in data.palette], crop_size=crop,
                          inference=inference or {"mode": "whole"}, test_pipeline=test_pipeline or [])
     module = SETRModule(record=record, optimizer={"name": "sgd", "lr": 0.01})

@@ -52,6 +52,41 @@ def scale_for_crop(crop: Any) -> list[int]:
     return [(int(c) * 520 + 240) // 480 for c in sides]
 
 
+def out_indices(name: str, family: str, depth: Any = None) -> list[int]:
+    """``${setr.out_indices:<encoder>,<up|mla>[,<depth>]}``: the blocks a head family reads on an encoder (the
+    encoder table, :func:`setr.models.encoders.out_indices_of`; ``depth``: a ``model.encoder.arch.depth``
+    override)."""
+    from setr.models.encoders import out_indices_of
+
+    return out_indices_of(str(name), str(family), None if depth in (None, "", "null") else int(depth))
+
+
+def encoder_norm(name: str, which: str) -> list[float]:
+    """``${setr.encoder_norm:<encoder>,mean|std}``: the normalisation of the encoder's pretraining (0..255 scale),
+    from the encoder table: the data configs' ``mean`` / ``std`` follow the encoder's weights."""
+    from setr.models.encoders import spec_of
+
+    spec = spec_of(str(name))
+    return [float(v) for v in (spec.mean if which == "mean" else spec.std)]
+
+
+def layer_decay(name: str) -> float | None:
+    """``${setr.layer_decay:<encoder>}``: the layer-wise lr decay of the encoder's fine-tuning recipes (the encoder
+    table; None: none)."""
+    from setr.models.encoders import spec_of
+
+    return spec_of(str(name)).layer_decay
+
+
+def weights_path(folder: str, name: str) -> str:
+    """``${setr.weights_path:${paths.weights_dir},<encoder>}``: ``<folder>/<file>`` of the encoder's default released
+    weights (the encoder table); ``none`` when it has none (random initialisation)."""
+    from setr.models.encoders import default_weights
+
+    w = default_weights(str(name))
+    return f"{folder}/{w.name}" if w is not None else "none"
+
+
 def missing_dependency(error: ModuleNotFoundError) -> None:
     """A package setr needs is not in this Python (``python src/train.py`` with a Python that is not the project's
     ``.venv``): one line and exit code 2 when an entry-point script is running, else the error again with the
@@ -78,9 +113,11 @@ def _register_resolvers() -> None:
 
     # a list result as a ListConfig: OmegaConf.resolve (--cfg job --resolve) stores no plain list in a config
     as_node = lambda v: OmegaConf.create(v) if isinstance(v, list) else v
-    for name, fn in (("setr.slide_stride", slide_stride), ("setr.scale_for_crop", scale_for_crop)):
+    for name, fn in (("setr.slide_stride", slide_stride), ("setr.scale_for_crop", scale_for_crop),
+                     ("setr.out_indices", out_indices), ("setr.encoder_norm", encoder_norm),
+                     ("setr.weights_path", weights_path), ("setr.layer_decay", layer_decay)):
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, lambda crop, fn=fn: as_node(fn(crop)))
+            OmegaConf.register_new_resolver(name, lambda *args, fn=fn: as_node(fn(*args)))
 
 
 _register_resolvers()

@@ -519,7 +519,10 @@ OFFICIAL_MS = {"ade20k_naive_b16": 48.80, "ade20k_mla_b8": 50.03, "ade20k_mla_b1
 
 
 def test_experiment_presets_cover_the_official_table():
-    files = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+    """The presets with a published number are the official tables' rows (the presets on today's encoders have
+    none: tests/test_encoder_presets.py)."""
+    files = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")
+                   if "published" in yaml.safe_load(p.read_text()))
     assert sorted([*EXPERIMENTS, *MMSEG_EXPERIMENTS]) == files and len(files) == 26 + 7
     for name, (data, head, enc, lr, steps, batch, miou) in EXPERIMENTS.items():
         text = (CONF / "experiment" / f"{name}.yaml").read_text()

@@ -41,17 +41,19 @@ from setr.errors import SETRConfigError
 OFFICIAL, MMSEG = "official", "mmseg"
 LAYOUTS = (OFFICIAL, MMSEG)
 
-# the released configs' blocks per head family at depth 24 (0-based; auxiliary heads' blocks first, decode last)
-DEFAULT_OUT_INDICES = {24: {"up": (9, 14, 19, 23), "mla": (5, 11, 17, 23)}}
-# the released configs' (and timm's) attention heads per width
-DEFAULT_NUM_HEADS = {1024: 16, 768: 12}
-# timm architectures of setr.models.encoder.ENCODERS: (embed_dim, depth, num_heads, mlp_ratio)
-ENCODER_ARCH = {
-    "vit_large_patch16": (1024, 24, 16, 4.0),
-    "vit_base_patch16": (768, 12, 12, 4.0),
-    "vit_tiny_patch16": (192, 12, 3, 4.0),
-    "deit_base_distilled_patch16": (768, 12, 12, 4.0),
-}
+# the encoders of the released SETR checkpoints (setr.models.encoders): ViT-L and ViT-B by width; their attention
+# heads per width are what the weights cannot tell (timm's, read from the encoder table)
+RELEASED_ENCODERS = ("vit_large_patch16", "vit_base_patch16")
+DISTILLED_ENCODER, OTHER_WIDTH_ENCODER = "deit_base_distilled_patch16", "vit_tiny_patch16"
+
+
+def released_encoder(embed_dim: int) -> str | None:
+    """The encoder of a released SETR config with width ``embed_dim`` (ViT-L 1024, ViT-B 768), or None."""
+    from setr.models.encoders import arch_of
+
+    return next((n for n in RELEASED_ENCODERS if arch_of(n).embed_dim == embed_dim), None)
+
+
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -198,15 +200,18 @@ def _encoder(m: _Mapper, layout_blocks: str, num_heads: int | None) -> dict[str,
     if side * side != n:
         raise SETRConfigError(f"{where}: pos_embed holds {n} patch positions, not a square grid")
     hidden = int(m.out["encoder.vit.blocks.0.mlp.fc1.weight"].shape[0])
+    from setr.models.encoders import arch_of
+
+    released = released_encoder(embed_dim)
     if num_heads is None:
-        if embed_dim not in DEFAULT_NUM_HEADS:
+        if released is None:
             raise SETRConfigError(f"--num-heads: width {embed_dim} has no released SETR config; pass --num-heads N")
-        num_heads = DEFAULT_NUM_HEADS[embed_dim]
+        num_heads = arch_of(released).num_heads
     if num_heads < 1 or embed_dim % num_heads:
         raise SETRConfigError(f"--num-heads: {num_heads} does not divide the width {embed_dim}")
-    name = "deit_base_distilled_patch16" if distilled else {1024: "vit_large_patch16", 768: "vit_base_patch16"}.get(
-        embed_dim, "vit_tiny_patch16")
-    base = dict(zip(("embed_dim", "depth", "num_heads", "mlp_ratio"), ENCODER_ARCH[name]))
+    name = DISTILLED_ENCODER if distilled else released or OTHER_WIDTH_ENCODER
+    a = arch_of(name)
+    base = {"embed_dim": a.embed_dim, "depth": a.depth, "num_heads": a.num_heads, "mlp_ratio": a.mlp_ratio}
     want = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": hidden / embed_dim}
     arch = {k: v for k, v in want.items() if v != base[k]}
     return {"name": name, "arch": arch, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
@@ -269,12 +274,14 @@ def _same(specs: list[dict[str, Any]], where: str) -> dict[str, Any]:
 
 def _out_indices(out_indices: Sequence[int] | None, depth: int, family: str) -> list[int]:
     if out_indices is None:
-        if depth not in DEFAULT_OUT_INDICES:
+        from setr.models.encoders import arch_of, out_indices_of
+
+        if depth != arch_of("vit_large_patch16").depth:  # the released configs' blocks are those of ViT-L's table row
             hint = (" (released depth-12 configs: Naive 2,5,8,11; PUP-DeiT 4,7,9,11; MLA 2,5,8,11)"
                     if depth == 12 else "")
             raise SETRConfigError(f"--out-indices: the heads' blocks of a {depth}-block ViT are not in the weights; "
                                   f"pass --out-indices a,b,c,d (0-based, auxiliary heads' blocks first){hint}")
-        return list(DEFAULT_OUT_INDICES[depth][family])
+        return out_indices_of("vit_large_patch16", family)
     blocks = [int(i) for i in out_indices]
     if not blocks or any(not 0 <= b < depth for b in blocks) or any(b <= a for a, b in itertools.pairwise(blocks)):
         raise SETRConfigError(f"--out-indices: {','.join(map(str, blocks))}: expected increasing 0-based blocks of "

@@ -24,13 +24,13 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from setr.errors import SETRConfigError
+from setr.models.encoders import ENCODERS, spec_of  # noqa: F401  (ENCODERS: re-exported)
 from setr.models.pretrained import (  # noqa: F401  (load_state_dict_file: re-exported)
     CLASSIFIER_PREFIXES,
     load_state_dict_file,
     pretrained_path,
     read_weights,
 )
-from setr.registry import Registry
 from setr.values import size_pair
 
 log = logging.getLogger("setr")
@@ -66,14 +66,6 @@ def resample_pos_grid(pos: torch.Tensor, old: tuple[int, int], new: tuple[int, i
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, c).to(pos.dtype)
     return torch.cat([prefix, grid], dim=1)
 
-
-# ``model.encoder.name`` -> timm architecture. The timm name fixes width, depth and heads; the image size is ours.
-ENCODERS: Registry[str] = Registry("encoder")
-ENCODERS.add("vit_large_patch16", "vit_large_patch16_384")  # SETR T-Large: 24 layers, 1024 dim, 16 heads, MLP 4096
-ENCODERS.add("vit_base_patch16", "vit_base_patch16_384")  # SETR T-Base: 12 layers, 768 dim, 12 heads
-ENCODERS.add("deit_base_distilled_patch16", "deit_base_distilled_patch16_384")  # SETR-*-DeiT (cls + distillation)
-ENCODERS.add("vit_small_patch16", "vit_small_patch16_384")
-ENCODERS.add("vit_tiny_patch16", "vit_tiny_patch16_384")
 
 ARCH_OVERRIDES = ("embed_dim", "depth", "num_heads", "mlp_ratio")
 
@@ -124,7 +116,7 @@ class ViTEncoder(nn.Module):
         freeze: bool = False,
     ) -> None:
         super().__init__()
-        timm_arch = ENCODERS.lookup(name, "model.encoder.name")
+        timm_arch = spec_of(name).timm_name
         arch = dict(arch or {})
         unknown = set(arch) - set(ARCH_OVERRIDES)
         if unknown:
@@ -157,7 +149,12 @@ class ViTEncoder(nn.Module):
         self.depth = len(self.vit.blocks)
         self.num_prefix_tokens = self.vit.num_prefix_tokens
         self.grid_size = tuple(self.vit.patch_embed.grid_size)
+        self.rope = getattr(self.vit, "rope", None)  # Eva family (EVA-02, DINOv3): rotary position embeddings
         self.drop_prefix_tokens = drop_prefix_tokens
+        if drop_prefix_tokens:  # RoPE attention skips the prefix tokens: none are left
+            for block in self.vit.blocks:
+                if hasattr(getattr(block, "attn", None), "num_prefix_tokens"):
+                    block.attn.num_prefix_tokens = 0
         self.pos_embed_interp = pos_embed_interp
         self.grad_checkpointing = grad_checkpointing
         self.set_fused_attn(fused_attn)
@@ -185,21 +182,26 @@ class ViTEncoder(nn.Module):
                 tokens.append(t.expand(batch, -1, -1))
         return tokens
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, h, w, C) patch embeddings -> (B, prefix + h*w, C) with prefix tokens and position embeddings."""
+    def _pos_embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, h, w, C) patch embeddings -> ((B, prefix + h*w, C) with prefix tokens and absolute position
+        embeddings, the rotary embeddings of the ``h x w`` grid or None). The absolute table (when the encoder has
+        one) is resampled to the grid; rotary embeddings are computed for it."""
         b, h, w, c = x.shape
-        pos = self.vit.pos_embed
+        pos = getattr(self.vit, "pos_embed", None)
         embed_prefix = 0 if self.vit.no_embed_class else self.num_prefix_tokens
-        if is_tracing() or (h, w) != self.grid_size:
+        if pos is not None and (is_tracing() or (h, w) != self.grid_size):
             pos = resample_pos_grid(pos, self.grid_size, (h, w), embed_prefix, self.pos_embed_interp)
         x = x.reshape(b, h * w, c)
         prefix = self._prefix_tokens(b)
-        if self.vit.no_embed_class:
+        if pos is None:
+            x = torch.cat([*prefix, x], dim=1)
+        elif self.vit.no_embed_class:
             x = x + pos
             x = torch.cat([*prefix, x], dim=1)
         else:
             x = torch.cat([*prefix, x], dim=1) + pos
-        return self.vit.pos_drop(x)
+        rope = self.rope.get_embed(shape=[h, w]) if self.rope is not None else None
+        return self.vit.pos_drop(x), rope
 
     def forward(self, x: torch.Tensor, out_indices: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Return the outputs of blocks :attr:`out_indices` as NCHW maps, in that order. Blocks after the last
@@ -214,9 +216,11 @@ class ViTEncoder(nn.Module):
             raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of the patch size {self.patch_size}")
         tokens = self.vit.patch_embed(x)  # (B, h, w, C) because dynamic_img_size=True
         b, h, w, c = tokens.shape
-        tokens = self._pos_embed(tokens)
-        tokens = self.vit.patch_drop(tokens)
-        tokens = self.vit.norm_pre(tokens)
+        tokens, rope = self._pos_embed(tokens)
+        extra = () if rope is None else (rope,)  # Eva blocks take the rotary embeddings: block(x, rope)
+        for step in (getattr(self.vit, "patch_drop", None), getattr(self.vit, "norm_pre", None)):
+            if step is not None:  # Eva has no patch dropout module when it is off
+                tokens = step(tokens)
         n_prefix = self.num_prefix_tokens
         if self.drop_prefix_tokens:
             tokens = tokens[:, n_prefix:]
@@ -225,9 +229,9 @@ class ViTEncoder(nn.Module):
         last = max(idx)
         for i, block in enumerate(self.vit.blocks):
             if i in self._checkpointed and self.training and torch.is_grad_enabled():
-                tokens = torch.utils.checkpoint.checkpoint(block, tokens, use_reentrant=False)
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, *extra, use_reentrant=False)
             else:
-                tokens = block(tokens)
+                tokens = block(tokens, *extra)
             if i in wanted:
                 wanted[i] = tokens[:, n_prefix:].reshape(b, h, w, c).permute(0, 3, 1, 2)
             if i == last:
@@ -295,24 +299,34 @@ class ViTEncoder(nn.Module):
 
     # ---------------------------------------------------------------- weights
     def load_pretrained(self, path: str | Path | None) -> dict[str, list[str]]:
-        """Load local ImageNet ViT weights, resampling position embeddings to this encoder's grid.
+        """Load local pretrained weights, resampling position embeddings to this encoder's grid.
 
-        Layouts (:mod:`setr.models.pretrained`): timm ``.pth``/``.pt``/``.bin`` (plain, or under ``state_dict`` /
-        ``model``, with or without a ``backbone.`` / ``module.`` prefix), ``.safetensors``, the original release's
-        ``.npz`` and mmsegmentation's converted ViT; never arbitrary unpickling. A torch-hub hash in the file name
-        is checked. The classifier (``head``, ``head_dist``, ``pre_logits``) and final norm are dropped (SETR uses
-        neither); one log line sums up what was loaded. ``none`` / None loads nothing.
+        Files (:mod:`setr.models.pretrained`): timm ``.pth``/``.pt``/``.bin`` (plain, or under ``state_dict`` /
+        ``model`` / ``module``, with or without a ``backbone.`` / ``module.`` prefix), ``.safetensors`` or a folder
+        holding ``model.safetensors`` (a timm / Hugging Face hub snapshot), the original releases of DINOv2, DINOv3,
+        EVA-02 and DeiT-III (mapped by timm's own checkpoint filter of the encoder's class), the original ViT
+        ``.npz`` and mmsegmentation's converted ViT; never arbitrary unpickling. A torch-hub hash in the file name is
+        checked. The classifier (``head``, ``head_dist``, ``pre_logits``, ``lm_head``...) and final norm are dropped
+        (SETR uses neither); position embeddings are resampled with :attr:`pos_embed_interp` (never by timm's
+        filter); one log line sums up what was loaded. ``none`` / None loads nothing.
 
-        Returns the missing and unexpected keys; missing encoder weights or a shape that does not fit raise
-        :class:`SETRConfigError` naming the file.
+        Returns the missing and unexpected keys; a file of another encoder (patch size, width, prefix tokens,
+        missing encoder weights) raises :class:`SETRConfigError` naming the file.
         """
+        from setr.models.pretrained import to_model_layout
+
         file = pretrained_path(path)
         if file is None:
             return {"missing": [], "unexpected": []}
         weights = read_weights(file)
+        file = weights.path or file
+        dropped = list(weights.dropped) + [k for k in weights.state if k.startswith(CLASSIFIER_PREFIXES)]
+        weights.state = {k: v for k, v in weights.state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+        self._check_patch_kernel(file, weights.state)
+        weights = to_model_layout(weights, self.vit)
         state = weights.state
-        dropped = list(weights.dropped) + [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]
-        state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+        dropped += [k for k in weights.dropped if k not in dropped]
+        what = f"{weights.fmt}, {weights.layout}"
         pos_note = ""
         if "pos_embed" in state:
             pe = state["pos_embed"]
@@ -321,7 +335,8 @@ class ViTEncoder(nn.Module):
             side = round(n_old**0.5)
             if pe.ndim != 3 or side * side != n_old:
                 raise SETRConfigError(f"{file}: pos_embed {tuple(pe.shape)} has {n_old} patch positions after "
-                                      f"{embed_prefix} prefix token(s), not a square grid: weights of another encoder?")
+                                      f"{embed_prefix} prefix token(s), not a square grid: weights of another encoder?"
+                                      f"{self._other_encoder_hint(file)}")
             new = "x".join(map(str, self.grid_size))
             pos_note = f"pos_embed {side}x{side}" + (f" -> {new}" if (side, side) != self.grid_size else " (kept)")
             if (side, side) != self.grid_size:
@@ -334,22 +349,40 @@ class ViTEncoder(nn.Module):
                     antialias=False,
                 ).to(pe.dtype)
         own = self.vit.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:  # before the shapes: names of another family say more than its shapes
+            raise SETRConfigError(f"{file}: checkpoint lacks {len(missing)} encoder weights, e.g. {missing[:3]} "
+                                  f"({what} file){self._other_encoder_hint(file)}")
         bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
                if k in own and own[k].shape != v.shape]
         if bad:
-            raise SETRConfigError(f"{file}: weights do not fit encoder {self.name!r}: " + "; ".join(bad[:3]))
-        missing = [k for k in own if k not in state]
-        if missing:
-            raise SETRConfigError(f"{file}: checkpoint lacks {len(missing)} encoder weights, e.g. {missing[:3]} "
-                                  f"({weights.fmt} file)")
+            raise SETRConfigError(f"{file}: weights do not fit encoder {self.name!r}: " + "; ".join(bad[:3])
+                                  + self._other_encoder_hint(file))
         result = self.vit.load_state_dict(state, strict=False)
         unexpected = list(result.unexpected_keys)
         loaded = sum(1 for k in state if k in own)
         log.info("pretrained %s: %s, %d tensors loaded, %s, dropped: %s; missing: none; unexpected: %s",
-                 file, weights.fmt, loaded, pos_note or "no pos_embed", _names(sorted(dropped)),
-                 _names(unexpected))
+                 file, what, loaded, pos_note or "no pos_embed", _names(sorted(dropped)), _names(unexpected))
         return {"missing": [], "unexpected": unexpected}
 
+    def _check_patch_kernel(self, file: Path, state: dict[str, torch.Tensor]) -> None:
+        """A patch embedding of another size means weights of another encoder: timm's filter would resample it
+        silently, so it stops here with one line."""
+        kernel = state.get("patch_embed.proj.weight")
+        if kernel is not None and kernel.ndim == 4 and tuple(kernel.shape[-2:]) != (self.patch_size, self.patch_size):
+            raise SETRConfigError(
+                f"{file}: patch embedding {kernel.shape[-2]}x{kernel.shape[-1]} vs patch size {self.patch_size} of "
+                f"encoder {self.name!r}: weights of another encoder{self._other_encoder_hint(file)}")
+
+    def _other_encoder_hint(self, file: Path) -> str:
+        """'; <file> is the released file of <encoder>: set model.encoder.name=<encoder>' for a file of the
+        encoder table that belongs to another encoder, else ''."""
+        from setr.models.encoders import known_file
+
+        found = known_file(file.name)
+        if found is None or found[0] == self.name:
+            return ""
+        return f"; {file.name} is the released file of {found[0]}: set model.encoder.name={found[0]}"
 
 def _names(keys: Sequence[str], limit: int = 8) -> str:
     if not keys:

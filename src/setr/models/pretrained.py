@@ -1,12 +1,19 @@
-"""ImageNet-pretrained ViT weights: where the paper's files come from, and the readers of every supported layout.
+"""ImageNet-pretrained ViT weights: where the released files come from, and the readers of every supported layout.
 
-Nothing is ever downloaded: ``model.encoder.pretrained`` names a local file (the paper presets name the file the
-paper used under ``paths.weights_dir``), or ``none`` to train from scratch. The readers never unpickle arbitrary
-objects (``torch.load(weights_only=True)``, safetensors, ``numpy.load(allow_pickle=False)``) and turn every file
-into a flat state dict in timm's ``VisionTransformer`` naming:
+Nothing is ever downloaded: ``model.encoder.pretrained`` names a local file, or a folder holding ``model.safetensors``
+(a timm / Hugging Face hub snapshot), or ``none`` to train from scratch; the presets name the released file under
+``paths.weights_dir``. The readers never unpickle arbitrary objects (every torch / safetensors file is read by
+:mod:`setr.files`; ``numpy.load(allow_pickle=False)``) and turn every file into a flat state dict of the encoder's
+timm model (``VisionTransformer`` or ``Eva``):
 
-* timm ``.pth`` / ``.pt`` / ``.bin`` (a plain state dict, or one under ``state_dict`` / ``model``, as DeiT's), and
-  ``.safetensors``;
+* timm ``.pth`` / ``.pt`` / ``.bin`` (a plain state dict, or one under ``state_dict`` / ``model`` / ``module``, as
+  DeiT's and EVA-02's releases), and ``.safetensors`` (timm's hub files: ``model.safetensors``);
+* the original releases of DINOv2 (``dinov2_vit*14[_reg4]_pretrain.pth``: ``register_tokens``, ``mask_token``),
+  DINOv3 (``dinov3_vit*16_pretrain_lvd1689m-*.pth``: ``storage_tokens``, ``ls1.gamma``, ``qkv.bias``), EVA-02
+  (``eva02_*_pt_*_p14.pt``: ``q_bias`` / ``v_bias``, SwiGLU ``mlp.w1`` / ``w2`` / ``w3``, ``lm_head``) and DeiT-III
+  (``deit_3_*_21k.pth``: ``gamma_1`` / ``gamma_2``), mapped onto timm's model by timm's own checkpoint filters
+  (``timm.models.vision_transformer.checkpoint_filter_fn``, ``timm.models.eva.checkpoint_filter_fn``:
+  :func:`to_model_layout`); position embeddings are resampled by the encoder, never by the filter;
 * the ``.npz`` of the original ViT release (``Transformer/encoderblock_N/...``), read by timm's own ``_load_weights``
   into a timm model of the file's shape;
 * mmsegmentation's converted ViT (``tools/model_converters/vit2mmseg.py``: ``layers.N.ln1``,
@@ -19,7 +26,9 @@ starts with it: a truncated or corrupt download stops the run with one line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +38,12 @@ import torch
 
 from setr.errors import SETRConfigError
 from setr.files import read_safetensors_file, read_torch_file
+from setr.models.encoders import ENCODERS, default_weights
 
 KEY = "model.encoder.pretrained"
 NO_WEIGHTS = ("", "none", "null")
+# the weights file of a timm / Hugging Face hub snapshot folder
+HUB_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -41,26 +53,13 @@ class WeightsSource:
     url: str
 
 
-_JX = "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/"
-# the files the paper's rows start from: the ViT URLs of the official code's default_cfgs (github.com/fudan-zvg/SETR,
-# mmseg/models/backbones/vit.py) and DeiT's release; README "Pretrained weights"
-KNOWN_WEIGHTS: dict[str, WeightsSource] = {
-    "jx_vit_large_p16_384-b3be5167.pth": WeightsSource(
-        "vit_large_patch16_384", "ViT-L/16, ImageNet-21k pre-trained, ImageNet-1k fine-tuned at 384 px",
-        _JX + "jx_vit_large_p16_384-b3be5167.pth"),
-    "jx_vit_base_p16_384-83fb41ba.pth": WeightsSource(
-        "vit_base_patch16_384", "ViT-B/16, ImageNet-21k pre-trained, ImageNet-1k fine-tuned at 384 px",
-        _JX + "jx_vit_base_p16_384-83fb41ba.pth"),
-    "deit_base_distilled_patch16_384-d0272ac0.pth": WeightsSource(
-        "deit_base_distilled_patch16_384", "DeiT-B/16 distilled, ImageNet-1k at 384 px",
-        "https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_384-d0272ac0.pth"),
-}
-# encoder name (model.encoder.name) -> the paper's file for it
-ENCODER_WEIGHTS: dict[str, str] = {
-    "vit_large_patch16": "jx_vit_large_p16_384-b3be5167.pth",
-    "vit_base_patch16": "jx_vit_base_p16_384-83fb41ba.pth",
-    "deit_base_distilled_patch16": "deit_base_distilled_patch16_384-d0272ac0.pth",
-}
+def _known() -> dict[str, WeightsSource]:
+    return {w.name: WeightsSource(spec.timm_name, w.what, w.url) for spec in ENCODERS.values() for w in spec.weights}
+
+
+# the released weight files of the encoder table (setr.models.encoders), by file name
+KNOWN_WEIGHTS: dict[str, WeightsSource] = _known()
+
 
 # torch.hub's convention (torch.hub.HASH_REGEX): the first hex digits of the file's sha256 before the extension
 HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|bin|npz|safetensors)$")
@@ -79,24 +78,41 @@ def pretrained_path(value: Any) -> Path | None:
 
 
 def where_to_get(path: Path | None, encoder: str | None = None) -> str:
-    """'download <url> (timm <name>: <what>)' for the paper's files, else a generic hint."""
+    """'download <url> (timm <name>: <what>)' for a released file of the encoder table, else a generic hint."""
     name = path.name if path is not None else None
-    if name not in KNOWN_WEIGHTS and encoder in ENCODER_WEIGHTS:
-        name = ENCODER_WEIGHTS[encoder]
+    if name not in KNOWN_WEIGHTS and encoder in ENCODERS and default_weights(encoder) is not None:
+        name = default_weights(encoder).name
         src = KNOWN_WEIGHTS[name]
-        return f"the paper's file for {encoder} is {name}: {src.url} (timm {src.timm_name})"
+        return f"the released file for {encoder} is {name}: {src.url} (timm {src.timm_name})"
     if name in KNOWN_WEIGHTS:
         src = KNOWN_WEIGHTS[name]
         return f"download {src.url} (timm {src.timm_name}: {src.what})"
-    return "point it at a local ViT weights file (.pth, .bin, .safetensors, .npz)"
+    return (f"point it at a local ViT weights file (.pth, .pt, .bin, .safetensors, .npz) or a folder holding "
+            f"{HUB_FILE}")
+
+
+def weights_file(path: Path) -> Path:
+    """The file a ``pretrained`` path names: the path itself, or the ``model.safetensors`` of a folder (a timm /
+    Hugging Face hub snapshot); one line naming the folder and what it holds when it has none."""
+    if not path.is_dir():
+        return path
+    file = path / HUB_FILE
+    if file.is_file():
+        return file
+    held = sorted(p.name for p in path.iterdir())
+    listing = ", ".join(held[:6]) + (f" (+{len(held) - 6} more)" if len(held) > 6 else "") if held else "nothing"
+    raise SETRConfigError(f"{KEY}: {path} is a folder without {HUB_FILE} (the timm / Hugging Face hub layout; it "
+                          f"holds {listing}): name the weights file itself")
 
 
 def check_pretrained_file(value: Any, encoder: str | None = None, verify: bool = True) -> Path | None:
-    """Validate ``model.encoder.pretrained`` before anything is built: None for no weights; else the file, which
-    must exist (one line naming the file, the key and where to get it) and match the hash in its name."""
+    """Validate ``model.encoder.pretrained`` before anything is built: None for no weights; else the file (a
+    folder's ``model.safetensors``), which must exist (one line naming the file, the key and where to get it) and
+    match the hash in its name."""
     path = pretrained_path(value)
     if path is None:
         return None
+    path = weights_file(path)
     if not path.is_file():
         raise SETRConfigError(
             f"{KEY}: weights file {path} not found; {where_to_get(path, encoder)}; "
@@ -134,22 +150,28 @@ def verify_hash(path: str | Path) -> str | None:
 # ---------------------------------------------------------------------------------------------------- readers
 @dataclass
 class Weights:
-    """A weights file read into timm naming: ``state`` (tensors), ``fmt`` (a label for the log line) and the keys
-    the reader already left out (the .npz classifier, a segmentor's heads)."""
+    """A weights file read into timm naming: ``state`` (tensors), ``fmt`` (the file format: pth, safetensors, npz)
+    and ``layout`` (whose key names it has), both for the log line, the keys the reader already left out (the .npz
+    classifier, a segmentor's heads) and ``path``, the file read (a folder's ``model.safetensors``)."""
 
     state: dict[str, torch.Tensor]
     fmt: str
     dropped: list[str]
+    layout: str = "timm layout"
+    path: Path | None = None
 
 
 def read_weights(path: str | Path) -> Weights:
-    """Read a weights file of any supported layout into timm ``VisionTransformer`` keys (see the module doc)."""
-    path = Path(path)
+    """Read a weights file (or a hub folder's ``model.safetensors``) of any supported layout into a flat state
+    dict (see the module doc); the release layouts keep their own names until :func:`to_model_layout`."""
+    path = weights_file(Path(path))
     if not path.is_file():
         raise SETRConfigError(f"{path}: pretrained weights file not found; {where_to_get(path)}")
     verify_hash(path)
     if path.suffix == ".npz":
-        return _read_npz(path)
+        weights = _read_npz(path)
+        weights.path = path
+        return weights
     state = load_state_dict_file(path)
     fmt = path.suffix.lstrip(".") or "torch"
     dropped: list[str] = []
@@ -157,12 +179,85 @@ def read_weights(path: str | Path) -> Weights:
         dropped = sorted(k for k in state if not k.startswith("backbone."))  # a whole segmentor: its backbone only
         state = {k: v for k, v in state.items() if k.startswith("backbone.")}
     state = strip_prefixes(state, ("module.", "backbone.", "encoder.vit.", "vit."))
+    if any(k.startswith("embeddings.") for k in state) and any(k.startswith("encoder.layer.") for k in state):
+        raise SETRConfigError(f"{KEY}: {path} is a Hugging Face transformers checkpoint (embeddings.*, "
+                              "encoder.layer.*), which timm does not read: use timm's file (a snapshot of "
+                              "huggingface.co/timm/<model>) or the original release")
+    layout = "timm layout"
     if is_mmseg_vit(state):
         state = from_mmseg(state)
-        fmt += ", mmsegmentation layout"
-    else:
-        fmt += ", timm layout"
-    return Weights(state, fmt, dropped)
+        layout = "mmsegmentation layout"
+    return Weights(state, fmt, dropped, layout, path)
+
+
+# ----------------------------------------------------------------------------------- release layouts -> timm
+class _FilterView:
+    """The encoder's timm model as timm's checkpoint filters see it, but without ``pos_embed``: the filters then
+    leave the file's position embeddings as they are (their resampling is bicubic with antialias by default); the
+    encoder resamples them itself with its ``pos_embed_interp`` (SETR: bilinear, no antialias)."""
+
+    pos_embed = None
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
+def release_layout(keys: set[str] | dict) -> str:
+    """A name for the release layout a state dict's keys show (for the log line and errors)."""
+    if "storage_tokens" in keys:
+        return "DINOv3 release layout"
+    if "register_tokens" in keys:
+        return "DINOv2 release layout (registers)"
+    if any(k.endswith((".attn.q_bias", ".mlp.w1.weight", ".mlp.ffn_ln.weight")) for k in keys):
+        return "EVA-02 release layout"
+    if "mask_token" in keys:
+        return "DINOv2 release layout"
+    if any(re.fullmatch(r"blocks\.\d+\.gamma_[12]", k) for k in keys):
+        return "DeiT-III release layout"
+    return "release layout"
+
+
+def timm_filter(model: torch.nn.Module) -> tuple[Any, dict[str, Any], str]:
+    """timm's own checkpoint filter for the model's class (what ``timm.create_model(..., pretrained=True)`` runs on
+    a file), its keyword arguments, and its name: ``timm.models.eva.checkpoint_filter_fn`` for ``Eva`` (EVA-02,
+    DINOv3), ``timm.models.vision_transformer.checkpoint_filter_fn`` otherwise (DINOv2, DeiT-III's layer scale
+    ``gamma_N`` -> ``lsN.gamma``: ``adapt_layer_scale``, as timm's deit3 models)."""
+    from timm.models import eva, vision_transformer
+
+    # interpolation / antialias only reach a patch kernel of another size, which load_pretrained refuses first
+    if isinstance(model, eva.Eva):
+        return eva.checkpoint_filter_fn, {"interpolation": "bilinear", "antialias": False}, \
+            "timm.models.eva.checkpoint_filter_fn"
+    return vision_transformer.checkpoint_filter_fn, \
+        {"adapt_layer_scale": True, "interpolation": "bilinear", "antialias": False}, \
+        "timm.models.vision_transformer.checkpoint_filter_fn"
+
+
+def to_model_layout(weights: Weights, model: torch.nn.Module) -> Weights:
+    """Map a state dict onto ``model`` (the encoder's timm model) with timm's own checkpoint filter
+    (:func:`timm_filter`): the identity on timm's layout, the release layouts' keys renamed / merged as timm does
+    (DINOv2: ``register_tokens`` -> ``reg_token``, the class token's position folded in; DINOv3: ``storage_tokens``,
+    ``ls1.gamma`` -> ``gamma_1``, ``qkv.bias`` split; EVA-02: ``q_bias`` -> ``q_proj.bias``, ``mlp.w1`` ->
+    ``fc1_g``...). Position embeddings pass unchanged (:class:`_FilterView`). File tensors the filter leaves out
+    (``mask_token``, RoPE periods, ``lm_head``, a zero ``qkv.bias`` the model has no place for) join ``dropped``."""
+    state = weights.state
+    fn, kwargs, name = timm_filter(model)
+    with contextlib.redirect_stdout(io.StringIO()):  # the DINOv3 branch prints each q_bias the model lacks
+        out = fn(dict(state), _FilterView(model), **kwargs)
+    if out.keys() == state.keys() and all(out[k] is state[k] for k in state):
+        return weights
+    kept = {t.untyped_storage().data_ptr() for t in out.values() if t.numel()}
+    left = [k for k, v in state.items()
+            if k not in out and (not v.numel() or v.untyped_storage().data_ptr() not in kept)]
+    lost = [k for k in left if k.endswith("attn.qkv.bias") and state[k].count_nonzero()]
+    if lost:  # timm's filter skips a qkv.bias the model has no q_bias / v_bias for: fine only when it is zero
+        raise SETRConfigError(f"{weights.path}: {lost[0]} is not zero but the encoder's attention has no bias "
+                              f"(non-zero in {len(lost)} block(s)): weights of another variant of the encoder")
+    layout = f"{release_layout(state)}, mapped by {name}"
+    return Weights(dict(out), weights.fmt, list(weights.dropped) + left, layout, weights.path)
 
 
 def load_state_dict_file(path: str | Path, what: str = KEY) -> dict[str, torch.Tensor]:
@@ -278,4 +373,4 @@ def _read_npz(path: Path) -> Weights:
         raise SETRConfigError(f"{path}: the .npz leaves {len(unfilled)} weights unset, e.g. {unfilled[:3]}")
     dropped = [_NPZ_LEFT.get(k[len(pre):], k) for k in shapes
                if not k[len(pre):].startswith(("Transformer/", "embedding/", "cls"))]
-    return Weights(state, "npz, original ViT release", sorted(dropped))
+    return Weights(state, "npz", sorted(dropped), "original ViT release")

@@ -186,8 +186,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     log.info("eval settings: test resize %s (%s) | inference %s (%s)", describe_steps(pipeline), pipeline_source,
              inference, describe_sources(sources))
     module = module_of(ckpt, dataclasses.replace(record, inference=inference, test_pipeline=pipeline))
-    if pipeline != list(data.get("val_pipeline") or []):  # the record's resize, not the data config's
-        datamodule = SegDataModule({**data, "val_pipeline": pipeline}, seed=cfg.seed)
+    # the record's resize and normalisation (the encoder's pretraining statistics it was trained with), not the
+    # data config's: an EVA-02 checkpoint (CLIP statistics) scored under ImageNet's would be silently wrong
+    norm = {"mean": list(record.mean), "std": list(record.std)}
+    if list(data.get("mean") or []) != norm["mean"] or list(data.get("std") or []) != norm["std"]:
+        log.info("eval normalisation: the checkpoint's mean %s / std %s (data config: %s / %s)", norm["mean"],
+                 norm["std"], data.get("mean"), data.get("std"))
+    if pipeline != list(data.get("val_pipeline") or []) or any(list(data.get(k) or []) != v for k, v in norm.items()):
+        datamodule = SegDataModule({**data, "val_pipeline": pipeline, **norm}, seed=cfg.seed)
     loggers = instantiate_group(cfg.get("logger"), "logger")
     trainer_cfg = {k: v for k, v in plain(cfg.trainer).items() if k not in FIT_ONLY}
     report = MetricReport(output_dir=cfg.paths.output_dir)

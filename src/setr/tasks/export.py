@@ -25,7 +25,10 @@ Dynamic sizes. Tracers (``torch.jit.trace``, both ONNX exporters) record one bra
 the input shape. The model takes care of that itself (``setr.models.encoder.is_tracing``): while traced it
 always resamples the position embeddings and always pads to a multiple of the patch size (both exact no-ops at
 the built size), so the exported graph works at every size. The check compares the file with PyTorch at the
-export size and, for a dynamic export, at two other sizes, one of them not a multiple of 16.
+export size and, for a dynamic export, at two other sizes, one of them not a multiple of 16. A dynamic export
+whose input came out with a fixed size is refused and its file removed; so is an exporter that cannot export the
+encoder (:func:`check_exportable`: the legacy exporter and EVA-02's interleaved rotary embeddings), in one line
+naming what to use instead.
 
 The last stdout line is one JSON object (``format``, ``output``, ``dynamic``, ``max_abs_diff``, ...). A bad value
 or a missing or foreign checkpoint: one ``error:`` line on stderr, exit code 2; a file that differs from PyTorch
@@ -54,6 +57,7 @@ DEFAULT_EXPORTER = "dynamo"
 DEFAULT_OPSET = {"dynamo": 18, "legacy": 17}
 OPSET_RANGE = {"dynamo": (18, 23), "legacy": (7, 20)}  # torch.onnx: dynamo cannot down-convert below 18
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}  # axis of the input / output -> its name in a dynamic export
 OPTIONS = ("format", "output", "height", "width", "opset", "exporter", "dynamic", "check")
 
 
@@ -84,6 +88,20 @@ def check_options(format: str = "onnx", output: Any = None, height: Any = None, 
         if not low <= opset <= high:
             hint = "; use exporter=legacy for an older opset" if exporter == "dynamo" and opset < low else ""
             raise SETRConfigError(f"opset: the {exporter} exporter writes opsets {low}..{high}, got {opset}{hint}")
+
+
+def check_exportable(model, format: str, exporter: str) -> None:
+    """Refuse, in one :class:`SETRConfigError` line naming the encoder and what to use instead, an exporter that
+    cannot export the model's encoder (never a file that differs from PyTorch): the legacy ONNX exporter breaks on
+    interleaved rotary embeddings (EVA-02's ``x[..., 1::2]`` rotation: its shape inference declares a 0-sized
+    dimension, and onnxruntime refuses the file at every size)."""
+    encoder = getattr(model, "encoder", None)
+    if format != "onnx" or exporter != "legacy" or getattr(encoder, "rope", None) is None:
+        return
+    if any(getattr(getattr(b, "attn", None), "rotate_half", True) is False for b in encoder.vit.blocks):
+        raise SETRConfigError(f"exporter: the legacy ONNX exporter cannot export encoder {encoder.name!r} "
+                              "(interleaved rotary position embeddings); use exporter=dynamo (the default) "
+                              "or format=torchscript")
 
 
 def default_output(ckpt_path: str | Path, fmt: str) -> Path:
@@ -138,6 +156,7 @@ def export(ckpt_path: str | Path, format: str = "onnx", output: str | Path | Non
 
     check_options(format, output, height, width, opset, exporter, dynamic, check)
     model = load_model(ckpt_path, convert=convert).float()  # one SETRConfigError line for a missing or foreign file
+    check_exportable(model, format, exporter)
     record = model.record
     out = Path(output).expanduser() if output else default_output(ckpt_path, format)
     try:
@@ -224,8 +243,10 @@ def _export_onnx(model, example, out: Path, opset: int | None, exporter: str, dy
                 raise SETRConfigError("exporter: dynamo needs onnxscript (pip install onnxscript), "
                                       "or use exporter=legacy") from None
             if dynamic:
-                dim = torch.export.Dim
-                kwargs["dynamic_shapes"] = ({0: dim("batch"), 2: dim("height"), 3: dim("width")},)
+                # Dim.AUTO, not named Dims: a named Dim refuses any guard torch.export adds on the size (the padding
+                # to the patch, RoPE grids, the MLA neck add some), and torch.onnx then falls back to a FIXED input
+                # size without a word. The axes are named (and checked to be free) below.
+                kwargs["dynamic_shapes"] = (dict.fromkeys(DYNAMIC_AXES, torch.export.Dim.AUTO),)
             # one self-contained file unless the weights exceed protobuf's 2 GiB (then <output>.data beside it)
             nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
             external = nbytes > 1.8 * 2**30
@@ -233,10 +254,11 @@ def _export_onnx(model, example, out: Path, opset: int | None, exporter: str, dy
                               **kwargs)
         else:
             if dynamic:
-                axes = {0: "batch", 2: "height", 3: "width"}
-                kwargs["dynamic_axes"] = {INPUT_NAME: axes, OUTPUT_NAME: axes}
+                kwargs["dynamic_axes"] = {INPUT_NAME: DYNAMIC_AXES, OUTPUT_NAME: DYNAMIC_AXES}
             torch.onnx.export(model, (example,), str(out), dynamo=False, **kwargs)
     proto = onnx.load(str(out), load_external_data=False)
+    if dynamic:
+        _name_dynamic_axes(proto, out, getattr(getattr(model, "encoder", None), "name", "?"), exporter)
     del proto.metadata_props[:]
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -245,6 +267,28 @@ def _export_onnx(model, example, out: Path, opset: int | None, exporter: str, dy
     onnx.save(proto, str(out))
     opsets = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     return {"opset": opsets[0] if opsets else opset}
+
+
+def _name_dynamic_axes(proto, out: Path, encoder: str, exporter: str = DEFAULT_EXPORTER) -> None:
+    """Name the input's and output's free axes ``batch`` / ``height`` / ``width`` (``torch.export`` calls them
+    ``s0``, ``s1``, ...). An axis the exporter fixed, or height and width tied to one size, is refused in one line
+    and the file removed: it would refuse (or mis-handle) other sizes in deployment."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    params = {axis: dims[i].dim_param for i, axis in DYNAMIC_AXES.items()}
+    fixed = [axis for axis, p in params.items() if not p]
+    tied = not fixed and params["height"] == params["width"]
+    if fixed or tied:
+        out.unlink(missing_ok=True)
+        out.with_name(out.name + ".data").unlink(missing_ok=True)  # external weights, if any
+        what = f"fixed the {' and '.join(fixed)}" if fixed else "tied the height to the width"
+        other = "legacy" if exporter == "dynamo" else "dynamo"
+        raise SETRConfigError(f"dynamic: the {exporter} exporter {what} of the input for encoder {encoder!r}; "
+                              f"use exporter={other} or dynamic=false")
+    rename = {p: axis for axis, p in params.items()}
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
 
 
 def _export_torchscript(model, example, out: Path, props: Mapping[str, str]) -> None:
