@@ -1,88 +1,106 @@
 #!/usr/bin/env bash
-# The GPU rows of the README's speed table, on one GPU (bf16 where the GPU has it). Each step is one
-# `python src/bench.py` (setting and baseline interleaved in one process) or one short training run; each has its
-# own time limit, so one failure does not take the others with it. Logs and the JSON lines go to $OUT
-# (default logs/bench_gpu/). Run from the repository root:
-#   bash scripts/bench_gpu.sh              # about 4-5 minutes on one H200 (PYTHON=... to pick the interpreter)
-#   BUDGET=300 bash scripts/bench_gpu.sh   # stop starting new steps after 300 s
+# The GPU rows of docs/speed.md, on one GPU (bf16 where the GPU has it). Each step is one `python src/bench.py`
+# (setting and baseline interleaved in one process), one script of benchmarks/ or one short training run; each has
+# its own time limit, so one failure does not take the others with it. Every measuring step runs through
+# benchmarks/record.py, which writes $RESULTS/gpu_<step>.json (default benchmarks/results/: the step's final JSON
+# line with the GPU name, driver, torch / timm / Lightning versions, git commit, UTC date, exact command and load;
+# commit those files: docs/speed.md names them and tests/test_speed_results.py checks them) and copies it to $OUT.
+# Each step's log (and its bare JSON line) goes to $OUT (default logs/bench_gpu/). Run from the repository root:
+#   bash scripts/bench_gpu.sh              # at most 9 minutes on one GPU (PYTHON=... to pick the interpreter)
+#   BUDGET=300 bash scripts/bench_gpu.sh   # stop starting new steps after 300 s (default 540: 9 minutes in all)
+#   ONLY="mla512_bf16 ckpt_768_b8" bash scripts/bench_gpu.sh   # run only the steps named
 set -u
 OUT=${OUT:-logs/bench_gpu}
+RESULTS=${RESULTS:-benchmarks/results}
 PY=${PYTHON:-python}
-BUDGET=${BUDGET:-560}
+BUDGET=${BUDGET:-540}
 START=$(date +%s)
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$RESULTS"
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=0
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
-# step NAME LIMIT_S COMMAND...: run it with at most LIMIT_S seconds (less when the budget is nearly spent)
+# step NAME LIMIT_S COMMAND...: run it with at most LIMIT_S seconds (less when the budget is nearly spent);
+# returns the command's exit status (124: the limit ran out; 125: skipped, the budget was spent)
 step() {
   local name=$1 limit=$2
   shift 2
-  local rest
+  local rest t0 rc
   rest=$(left)
-  if [ "$rest" -lt 30 ]; then echo "== $name: skipped (budget spent)"; return; fi
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 125; fi
+  if [ "$rest" -lt 30 ]; then echo "== $name: skipped (budget spent)"; return 125; fi
   [ "$limit" -gt "$rest" ] && limit=$rest
   echo "== $name (limit ${limit}s) : $*"
-  local t0=$(date +%s)
+  t0=$(date +%s)
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
+  rc=$?
   grep -v '^{' "$OUT/$name.log" | grep -vE 'USDT|SyncActivityProfiler|Warning|warn' | tail -60
   grep '^{' "$OUT/$name.log" | tail -1 >"$OUT/$name.json"
   echo "== $name: rc=$rc in $(($(date +%s) - t0)) s"
+  return "$rc"
+}
+
+# recorded NAME LIMIT_S COMMAND...: step NAME through benchmarks/record.py, which writes $RESULTS/gpu_NAME.json
+# only when the command succeeds (a failed or timed-out step leaves any earlier file as it was); on success the
+# file is also copied to $OUT
+recorded() {
+  local name=$1 limit=$2
+  shift 2
+  step "$name" "$limit" "$PY" benchmarks/record.py "gpu_$name" --results "$RESULTS" --python "$PY" -- "$@" \
+    && cp "$RESULTS/gpu_$name.json" "$OUT/"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
-$PY -c "import torch, timm, lightning; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
+"$PY" -c "import torch, timm, lightning; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
 
-# 0. the CUDA-only tests, and bilinear upsampling by 16 of MLA-sized logits, forward + backward: resize (matrix
-#    products) against F.interpolate (atomic-add backward), bf16 and fp32, in one process
-step cuda_tests 90 $PY -m pytest -q -p no:cacheprovider tests/test_resize.py tests/test_speed_features.py
-step resize_vs_interpolate 60 $PY - <<'PY'
-import torch, torch.nn.functional as F
-from setr.models.resize import resize
-def ms(fn, x, n=10):
-    for _ in range(3):
-        fn(x).float().sum().backward()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        fn(x).float().sum().backward()
-    b.record(); torch.cuda.synchronize()
-    return a.elapsed_time(b) / n
-for dt in (torch.bfloat16, torch.float32):
-    x = torch.randn(8, 150, 32, 32, device="cuda", dtype=dt, requires_grad=True)
-    t0 = ms(lambda x: F.interpolate(x, scale_factor=16, mode="bilinear", align_corners=False), x)
-    t1 = ms(lambda x: resize(x, scale_factor=16), x)
-    print(f"{dt}: 8x150x32x32 -> 512x512 forward+backward: F.interpolate {t0:.2f} ms, resize {t1:.2f} ms, "
-          f"{t0 / t1:.1f}x")
-PY
+# The steps, most wanted first (when the budget runs out, the last ones are skipped)
+# 0. the CUDA-only tests
+step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_resize.py tests/test_speed_features.py
 
-# 1. SETR-MLA ViT-L/16 at 512x512 (the ADE20K row), batch 8, bf16 + fused attention against fp32 + math attention;
+# 1. bilinear upsampling by 16 of MLA-sized logits (8 x 150 x 32 x 32 -> 512 x 512), forward + backward: resize
+#    (matrix products) against F.interpolate (atomic-add backward), bf16 and fp32, in one process
+recorded resize_vs_interpolate 60 "$PY" benchmarks/resize_vs_interpolate.py --device cuda
+
+# 2. the training loss path alone (8 x 150 x 32 x 32 logits, 512 x 512 labels, bf16): reference against fused
+recorded loss_path 60 "$PY" benchmarks/loss_path.py --device cuda --dtype bfloat16 --batch 8
+
+# 3. SETR-MLA ViT-L/16 at 512x512 (the ADE20K row), batch 8, bf16 + fused attention against fp32 + math attention;
 #    MFU and the top kernels of the training step
-step mla512_bf16 150 $PY src/bench.py experiment=ade20k_mla_b8 data.batch_size=8 trainer.precision=bf16-mixed \
-  'bench.image_size=[512,683]' bench.rounds=3 bench.warmup=2 bench.steps_per_round=3 bench.data_images=16 \
-  bench.profile=12
+recorded mla512_bf16 150 "$PY" src/bench.py experiment=ade20k_mla_b8 data.batch_size=8 \
+  trainer.precision=bf16-mixed 'bench.image_size=[512,683]' bench.rounds=3 bench.warmup=2 bench.steps_per_round=3 \
+  bench.data_images=16 bench.profile=12
 
-# 2. sliding windows on a 1024x2048 Cityscapes image (SETR-PUP, 768 windows, stride 512): auto-batched windows
+# 4. the same training step, both bf16 + fused attention + matmul resizing: the fused loss path (setting) against
+#    model.loss_path=reference (baseline); speed, MFU and peak memory
+recorded mla512_loss_path 100 "$PY" src/bench.py experiment=ade20k_mla_b8 data.batch_size=8 \
+  trainer.precision=bf16-mixed bench.baseline.trainer.precision=bf16-mixed \
+  bench.baseline.model.encoder.fused_attn=true bench.baseline.model.resize=matmul \
+  bench.baseline.model.loss_path=reference 'bench.skip=[whole,slide,ms_flip,data]' bench.rounds=3 bench.warmup=1 \
+  bench.steps_per_round=3
+
+# 5. step 3's training step with model.compile=true (inductor; compiling takes most of the limit) against the same
+#    without compile (both bf16 + fused attention + matmul resizing): the ratio is compile's alone
+recorded mla512_compile 200 "$PY" src/bench.py experiment=ade20k_mla_b8 data.batch_size=8 \
+  trainer.precision=bf16-mixed model.compile=true bench.baseline.trainer.precision=bf16-mixed \
+  bench.baseline.model.encoder.fused_attn=true bench.baseline.model.resize=matmul \
+  'bench.skip=[whole,slide,ms_flip,data]' bench.rounds=3 bench.warmup=3 bench.steps_per_round=3
+
+# 6. ViT-L at 768x768, batch 8, bf16: gradient checkpointing (setting) against none (baseline); peak memory
+recorded ckpt_768_b8 120 "$PY" src/bench.py experiment=cityscapes_pup_80k data.batch_size=8 \
+  trainer.precision=bf16-mixed model.encoder.grad_checkpointing=true bench.baseline.trainer.precision=bf16-mixed \
+  bench.baseline.model.encoder.fused_attn=true 'bench.skip=[whole,slide,ms_flip,data]' bench.rounds=3 \
+  bench.warmup=1 bench.steps_per_round=2
+
+# 7. sliding windows on a 1024x2048 Cityscapes image (SETR-PUP, 768 windows, stride 512): auto-batched windows
 #    against one window per forward, both bf16 + fused attention (the only difference is the window batching)
-step slide_1024x2048 120 $PY src/bench.py experiment=cityscapes_pup_80k data.batch_size=2 \
+recorded slide_1024x2048 120 "$PY" src/bench.py experiment=cityscapes_pup_80k data.batch_size=2 \
   trainer.precision=bf16-mixed 'bench.image_size=[1024,2048]' bench.baseline.trainer.precision=bf16-mixed \
   bench.baseline.model.encoder.fused_attn=true 'bench.skip=[ms_flip]' bench.rounds=3 bench.warmup=2 \
   bench.steps_per_round=3 bench.data_images=16
 
-# 3. ViT-L at 768x768, batch 8, bf16: gradient checkpointing (setting) against none (baseline); peak memory
-step ckpt_768_b8 120 $PY src/bench.py experiment=cityscapes_pup_80k data.batch_size=8 trainer.precision=bf16-mixed \
-  model.encoder.grad_checkpointing=true bench.baseline.trainer.precision=bf16-mixed \
-  bench.baseline.model.encoder.fused_attn=true 'bench.skip=[whole,slide,ms_flip,data]' bench.rounds=3 \
-  bench.warmup=1 bench.steps_per_round=2
-
-# 4. the quick start on the GPU through DDP (1 process, NCCL, SyncBatchNorm), bf16
-step train_ddp_bf16 120 $PY src/train.py trainer=ddp trainer.devices=1 trainer.accelerator=gpu \
+# 8. the quick start on the GPU through DDP (1 process, NCCL, SyncBatchNorm), bf16 (the file's wall_s is the
+#    whole run's time, start-up included)
+recorded train_ddp_bf16 120 "$PY" src/train.py trainer=ddp trainer.devices=1 trainer.accelerator=gpu \
   trainer.precision=bf16-mixed logger=csv
 
-# 5. step 1 again with model.compile=true (inductor; compiling takes most of the limit)
-step mla512_compile 200 $PY src/bench.py experiment=ade20k_mla_b8 data.batch_size=8 trainer.precision=bf16-mixed \
-  model.compile=true 'bench.skip=[whole,slide,ms_flip,data]' bench.rounds=3 bench.warmup=3 bench.steps_per_round=3
-
-echo "== done in $(($(date +%s) - START)) s"
+echo "== done in $(($(date +%s) - START)) s; result files: $RESULTS/gpu_*.json (copies in $OUT)"

@@ -82,3 +82,18 @@ def write_tiny_checkpoint(path: Path, head: str = "naive", crop: int = 64, num_c
 def tiny_ckpt(tmp_path) -> Path:
     """Path of a tiny 4-class checkpoint (see :func:`write_tiny_checkpoint`)."""
     return write_tiny_checkpoint(tmp_path / "tiny.ckpt")
+
+
+def count_sdpa_calls(monkeypatch) -> list[int]:
+    """Count calls of ``F.scaled_dot_product_attention`` (the fused attention kernel): ``[n]``, updated live."""
+    import torch
+
+    calls = [0]
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls

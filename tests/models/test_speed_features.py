@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import model_cfg, tiny_model_cfg
+from conftest import count_sdpa_calls, model_cfg, tiny_model_cfg
 from setr.checkpoint import ModelRecord
 from setr.errors import SETRConfigError
 from setr.inference import CPU_WINDOWS, auto_windows, infer
@@ -78,24 +78,12 @@ def test_lightning_bf16_mixed_trains_on_cpu(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- fused attention
-def _count_sdpa(monkeypatch) -> list[int]:
-    calls = [0]
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    return calls
-
-
 def test_fused_attention_is_the_path_that_runs(monkeypatch):
     fused = _net("model.encoder.fused_attn=true").eval()
     math = _net("model.encoder.fused_attn=false").eval()
     assert fused.encoder.fused_attn and not math.encoder.fused_attn
     x = torch.randn(2, 3, 32, 32)
-    calls = _count_sdpa(monkeypatch)
+    calls = count_sdpa_calls(monkeypatch)
     with torch.no_grad():
         a = fused(x)
         assert calls[0] == fused.encoder.depth == 4

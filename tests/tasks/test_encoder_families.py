@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import tiny_model_cfg, write_tiny_checkpoint
+from conftest import count_sdpa_calls, tiny_model_cfg, write_tiny_checkpoint
 from pipeline import TINY, last_json, run_entry
 from setr import load_model
 from setr.checkpoint import ModelRecord
@@ -171,14 +171,7 @@ def test_fused_attention_gives_the_math_path_logits(name, monkeypatch):
     """model.encoder.fused_attn true (scaled_dot_product_attention, called once per block) and false (timm's math
     path, never calls it) give the same logits within 1e-5, on every family's attention (timm's Attention and
     EvaAttention)."""
-    calls = [0]
-    real = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    calls = count_sdpa_calls(monkeypatch)
     x = torch.randn(2, 3, 61, 75)
     out = {}
     for fused in (True, False):

@@ -115,13 +115,17 @@ class SETR(nn.Module):
                 if isinstance(m, ChannelLayerNorm):
                     m.keep_layout = True
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, low_res: bool = False):
+        """Eval: the logits (B, num_classes, H, W). Training: ``{"out", "aux"}``, each at the input size; with
+        ``low_res=True`` the heads' logits before that resize, and ``"size"`` (the padded size they resize to)
+        and ``"crop"`` (the input size, the top-left crop of it): what
+        :func:`setr.models.seg_loss.upsampled_cross_entropy` takes. ``low_res`` changes nothing in eval mode."""
         if self.resize == "interpolate":
             with plain_interpolate():
-                return self._forward(x)
-        return self._forward(x)
+                return self._forward(x, low_res)
+        return self._forward(x, low_res)
 
-    def _forward(self, x: torch.Tensor):
+    def _forward(self, x: torch.Tensor, low_res: bool = False):
         h, w = x.shape[-2:]
         x = pad_to_patch(x, self.encoder.patch_size)
         feats = self.encoder(x)
@@ -134,6 +138,10 @@ class SETR(nn.Module):
                 logits = resize(logits, size=size, align_corners=False)
             return logits[..., :h, :w]
 
+        if self.training and low_res:  # the loss resizes (to `size`) and crops (to h, w) itself
+            out = self.decode_head(select_inputs(feats, self.decode_head.in_index))
+            aux = [head(select_inputs(feats, head.in_index)) for head in self.auxiliary_heads]
+            return {"out": out, "aux": aux, "size": (int(size[0]), int(size[1])), "crop": (int(h), int(w))}
         out = to_input(self.decode_head(select_inputs(feats, self.decode_head.in_index)))
         if not self.training:
             return out

@@ -28,12 +28,14 @@ from setr.errors import SETRConfigError, TrainingDiverged
 from setr.inference import infer
 from setr.metrics import SegMetrics
 from setr.models import SETR, build_setr
+from setr.models.seg_loss import LOSS_PATHS, upsampled_cross_entropy
 from setr.nodes import plain
 from setr.training.loggers import continue_loggers
 from setr.training.optim import build_optimizer, build_scheduler
 
 METRIC_STATE_KEY = "metric_state"  # the checkpoint entry of the metric state that outlives an evaluation
 RNG_STATE_KEY = "rng_state"  # the checkpoint entry of torch's RNG state (restored when a fit resumes)
+FINITE_CHECK_EVERY = 50  # steps between loss-finiteness checks when trainer.log_every_n_steps is 0
 
 
 def pop_compile(record: ModelRecord, compile: bool | None = None) -> tuple[ModelRecord, bool]:
@@ -49,6 +51,16 @@ def pop_compile(record: ModelRecord, compile: bool | None = None) -> tuple[Model
     elif not isinstance(compile, bool):
         raise SETRConfigError(f"model.compile: expected true or false, got {compile!r}")
     return dataclasses.replace(record, model=model), compile
+
+
+def pop_loss_path(record: ModelRecord) -> tuple[ModelRecord, str]:
+    """``record`` without ``model.loss_path`` (a run setting, like ``model.compile``: checkpoints never carry
+    it), and its value (``fused`` when absent)."""
+    model = dict(record.model)
+    path = model.pop("loss_path", None) or "fused"
+    if path not in LOSS_PATHS:
+        raise SETRConfigError(f"model.loss_path: expected one of {', '.join(LOSS_PATHS)}, got {path!r}")
+    return dataclasses.replace(record, model=model), path
 
 
 class SETRModule(L.LightningModule):
@@ -72,6 +84,7 @@ class SETRModule(L.LightningModule):
         if not isinstance(record, ModelRecord):
             record = ModelRecord.from_dict(plain(record))
         record, compile = pop_compile(record, compile)
+        record, self.loss_path = pop_loss_path(record)
         optimizer = plain(optimizer) or {"name": "sgd", "lr": 0.01}
         self.save_hyperparameters({"record": record.to_dict(), "optimizer": optimizer,
                                    "pretrained": str(pretrained) if pretrained else None,
@@ -96,28 +109,71 @@ class SETRModule(L.LightningModule):
             self.model.encoder.load_pretrained(self._pretrained)
             self._pretrained = None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._forward(images)
+    def forward(self, images: torch.Tensor, low_res: bool | None = None):
+        """The network; in training mode with ``model.loss_path=fused`` (``low_res`` None) or ``low_res=True`` it
+        returns the heads' logits before their resize to the input (what :meth:`compute_loss` takes)."""
+        if low_res is None:
+            low_res = self.training and self.loss_path == "fused"
+        return self._forward(images, low_res=low_res) if low_res else self._forward(images)
 
     # ------------------------------------------------------------------------------------------- train
     def compute_loss(self, outputs: dict[str, Any],
                      target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted cross-entropy of the decode and auxiliary logits, always in float32 (under
         ``trainer.precision=bf16-mixed`` / ``16-mixed`` the network's logits are half precision: the softmax and
-        the mean over pixels are not)."""
+        the mean over pixels are not).
+
+        ``outputs`` of the network at the input size (``{"out", "aux"}``): ``F.cross_entropy`` of those logits
+        (``model.loss_path=reference``). With the heads' logits before the resize (``"size"`` and ``"crop"`` in
+        ``outputs``: ``model.loss_path=fused``, the default): :func:`setr.models.seg_loss.upsampled_cross_entropy`,
+        the same values and gradients without full-resolution float32 logits. A non-finite loss is remembered on
+        the device (no host sync) and stops training at the next check (:meth:`training_step`)."""
         ignore = self.record.ignore_index
-        main = F.cross_entropy(outputs["out"].float(), target, ignore_index=ignore)
+        if "size" in outputs:
+            size, crop = outputs["size"], tuple(outputs["crop"])
+            if tuple(target.shape[-2:]) != crop:
+                raise ValueError(f"compute_loss: the label is {tuple(target.shape[-2:])}, the images {crop}")
+
+            def ce(logits: torch.Tensor) -> torch.Tensor:
+                return upsampled_cross_entropy(logits, target, size, align_corners=False, ignore_index=ignore)
+        else:
+            def ce(logits: torch.Tensor) -> torch.Tensor:
+                return F.cross_entropy(logits.float(), target, ignore_index=ignore)
+        main = ce(outputs["out"])
         parts = {"loss_main": main}
         total = main
         for i, (logits, w) in enumerate(zip(outputs["aux"], self.model.aux_weights)):
-            aux = F.cross_entropy(logits.float(), target, ignore_index=ignore)
+            aux = ce(logits)
             parts[f"loss_aux{i}"] = aux
             total = total + w * aux
-        if not torch.isfinite(total):  # one host sync per step, as before; no more
-            raise TrainingDiverged(self._diverged_message(total.item()))
+        self._watch_finite(total)
         return total, parts
 
-    def _diverged_message(self, value: float) -> str:
+    def _watch_finite(self, total: torch.Tensor) -> None:
+        """Remember, on the loss's device, the first training step whose loss is not finite and that loss
+        (``(step, value)``; step -1: none yet). Device operations only: no host sync."""
+        if self._trainer is None:
+            return
+        total = total.detach().float()
+        step, value = getattr(self, "_nonfinite", None) or (None, None)
+        if step is None or step.device != total.device:
+            step = torch.full((), -1, dtype=torch.long, device=total.device)
+            value = torch.zeros((), dtype=torch.float32, device=total.device)
+        first = ~torch.isfinite(total) & (step < 0)
+        self._nonfinite = (torch.where(first, self.global_step, step), torch.where(first, total, value))
+
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` (one line naming the first step whose loss was not finite) if any loss
+        since the start of the run was not; a host sync. Called where the step syncs anyway (the steps whose
+        metrics are logged, the start of a validation), before a checkpoint is written and when training ends."""
+        state = getattr(self, "_nonfinite", None)
+        if state is None:
+            return
+        step = int(state[0])
+        if step >= 0:
+            raise TrainingDiverged(self._diverged_message(float(state[1]), step))
+
+    def _diverged_message(self, value: float, step: int | None = None) -> str:
         """One line: the step, and the settings that keep a run from diverging (with their current values)."""
         lr = self.hparams.optimizer.get("lr") if isinstance(self.hparams.optimizer, Mapping) else None
         trainer = self._trainer
@@ -128,16 +184,35 @@ class SETRModule(L.LightningModule):
                  f"set trainer.gradient_clip_val (e.g. 1.0; now {'null' if clip is None else clip})"]
         if precision.startswith("16"):
             hints.append("use trainer.precision=bf16-mixed (or 32-true) instead of 16-mixed")
-        step = self.global_step if trainer is not None else "?"
+        if step is None:
+            step = self.global_step if trainer is not None else "?"
         return f"train/loss is {value} at step {step}: training diverged; {', '.join(hints)}"
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         outputs = self(batch["image"])
         loss, parts = self.compute_loss(outputs, batch["mask"])
         bs = batch["image"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        # logged on the device: Lightning reads them to the host on the steps it logs (trainer.log_every_n_steps)
+        self.log("train/loss", loss, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=bs)
+        if self._finite_check_due():  # a step that syncs anyway: check the loss, and show it in the progress bar
+            self.check_finite()
+            # on the host: Lightning turns progress-bar values into numbers after every step, so a device tensor
+            # there would cost a host sync per step
+            self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False, batch_size=bs)
         return loss
+
+    def _finite_check_due(self) -> bool:
+        """Whether this step checks the loss's finiteness: the steps whose metrics Lightning logs (it reads them
+        to the host then anyway: ``trainer.log_every_n_steps``), or every :data:`FINITE_CHECK_EVERY` steps when
+        nothing is logged."""
+        trainer = self.trainer
+        if trainer.log_every_n_steps > 0:
+            return bool(trainer._logger_connector.should_update_logs)
+        return (self.global_step + 1) % FINITE_CHECK_EVERY == 0
+
+    def on_train_end(self) -> None:
+        self.check_finite()  # a loss that went non-finite after the last check
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """End every run with a validation of its final weights: on the last step of the budget (or the last
@@ -186,6 +261,7 @@ class SETRModule(L.LightningModule):
         return self._eval_step(batch, self.test_metrics, "test")
 
     def on_validation_epoch_start(self) -> None:
+        self.check_finite()  # a validation syncs anyway: a diverged run stops here, naming its step, not on NaN logits
         self.val_metrics.reset()
 
     def on_test_epoch_start(self) -> None:
@@ -225,6 +301,7 @@ class SETRModule(L.LightningModule):
         (``metric_state``: without it a resumed run's ``val/mIoU_best`` forgot the validations before the resume)
         and torch's RNG (``rng_state``). Lightning adds the rest: optimizer, schedule, loops, loader position,
         callbacks (early stopping, checkpoint bookkeeping)."""
+        self.check_finite()  # never a checkpoint of diverged weights
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
         run_config = getattr(self, "run_config", None)
         if run_config is not None:

@@ -44,8 +44,8 @@ IDENTITY = ("task_name", "experiment", "model", "data")
 # them changed (e.g. activation checkpointing switched on after an out-of-memory error). Paths under ``model.``;
 # a key named by its last part (``drop_path_rate``) matches at any depth.
 RUN_SETTINGS = frozenset({
-    "compile", "resize", "channels_last", "encoder.grad_checkpointing", "encoder.fused_attn", "encoder.freeze",
-    "encoder.out_indices_presets", "encoder.pretrained",
+    "compile", "loss_path", "resize", "channels_last", "encoder.grad_checkpointing", "encoder.fused_attn",
+    "encoder.freeze", "encoder.out_indices_presets", "encoder.pretrained",
 })
 RUN_SETTING_NAMES = frozenset({"drop_rate", "attn_drop_rate", "drop_path_rate", "dropout", "dropout_ratio",
                                "loss_weight"})

@@ -176,6 +176,12 @@ def _resize_modes() -> tuple[str, ...]:
     return tuple(RESIZE_MODES)
 
 
+def _loss_paths() -> tuple[str, ...]:
+    from setr.models.seg_loss import LOSS_PATHS
+
+    return tuple(LOSS_PATHS)
+
+
 # key -> check; a key absent from the composed config is not checked (each task composes other groups).
 # Lazy entries keep Lightning and the model code out of this module's import.
 TYPES: dict[str, Check | Lazy] = {
@@ -239,6 +245,7 @@ TYPES: dict[str, Check | Lazy] = {
     "model.channels_last": boolean(),
     "model.norm": Lazy(lambda: choice(_norms())),
     "model.resize": Lazy(lambda: choice(_resize_modes())),
+    "model.loss_path": Lazy(lambda: choice(_loss_paths())),
 }
 
 # The label value that means "not labelled" (setr.values.IGNORE_INDEX): every dataset, the label check and the
@@ -299,7 +306,7 @@ DATA_KEYS = ("name", "root", "num_classes", "class_names", "crop_size", "ignore_
              "val_dataset", "batch_size", "val_batch_size", "num_workers", "pin_memory", "persistent_workers",
              "skip_bad", "check", "val_keep_original_mask", "train_pipeline", "val_pipeline", "test_scale",
              "ms_ratios", "ms_min_short", "inference", "val_split", "split")
-MODEL_KEYS = ("num_classes", "norm", "encoder", "head", "resize", "channels_last", "compile")
+MODEL_KEYS = ("num_classes", "norm", "encoder", "head", "resize", "channels_last", "compile", "loss_path")
 EXTRAS_KEYS = ("ignore_warnings", "print_config")
 # top-level keys some task reads although no entry config of it sets them (a paper preset sets `published`)
 ROOT_OPTIONAL = ("published", "convert", "split", "metric", "seed", "tags")

@@ -1,0 +1,211 @@
+"""Cross-entropy of bilinearly upsampled logits against a full-resolution label, without full-resolution logits.
+
+SETR's heads predict at 1/16 (or 1/4) of the input size; the loss is the cross-entropy of those logits resized to
+the (padded) input size, cropped to the label, against the label (mmsegmentation's ``resize`` + ``CrossEntropyLoss``,
+mean over the pixels that are not ``ignore_index``). Computed the plain way, each head holds a float32
+``B x C x H x W`` copy of its upsampled logits, and the log-softmax reduces over the strided class dimension.
+
+:func:`upsampled_cross_entropy` is the same function as
+
+    F.cross_entropy(F.interpolate(x, size, mode="bilinear", align_corners=ac)[..., :H, :W], target,
+                    ignore_index=ignore_index)
+
+computed by bands of output rows, as one autograd function. Bilinear resizing is separable (``A_h^T x A_w``, the
+(in, out) interpolation matrices of :func:`setr.models.resize.interp_matrix`: PyTorch's own weights): the width is
+resized once, class-contiguous (``B x h x W x C``, 1/16 of the full size for SETR), then each band of output rows is
+one matrix product over the few input rows its weights touch (the other weights are exact zeros), its log-softmax
+runs over contiguous classes in float32 and only the band's summed loss is kept. The backward recomputes each
+band, forms ``softmax - one_hot`` there (one gather / scatter per pixel, no accumulation) and sends it back through
+the transposed products: no atomics, deterministic on every device. Peak memory is a band (``chunk_elems``
+elements) instead of the full-resolution logits and their log-softmax.
+
+Dtypes: the resizing products run in the logits' dtype (as :func:`setr.models.resize.resize`: bf16 logits give
+the same rounding as resizing them first), the log-softmax, the loss and the gradient accumulation in float32
+(float64 for float64 logits). The loss is float32 (float64); the gradient has the logits' dtype.
+
+All pixels ignored: the loss is ``nan`` and the gradient zero, as ``F.cross_entropy`` gives (0 / 0).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from setr.models.resize import interp_matrix
+
+# elements (B x rows x W x C) of one band of full-resolution logits. CPU: 2^22 float32 = 16 MiB a band (on a
+# loaded 2-core CPU, B=2, C=150, 32x32 -> 512x512, smaller bands cost more in per-operation overhead than they saved;
+# benchmarks/loss_path.py). CUDA: 2^25 (128 MiB), so that a batch of 8 at 512x512 with 150 classes takes ~10 bands
+# (each band launches a dozen kernels). Not measured on a GPU yet.
+CHUNK_ELEMS = {"cuda": 1 << 25}
+CHUNK_ELEMS_DEFAULT = 1 << 22
+# model.loss_path (setr.training.module.SETRModule.compute_loss): this module's function on the heads' logits before
+# their resize (fused), or F.cross_entropy of the logits resized to the input (reference: the plain computation)
+LOSS_PATHS = ("fused", "reference")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _band_inputs(h: int, hp: int, ho: int, align_corners: bool, rows: int) -> tuple[tuple[int, int], ...]:
+    """Per band of ``rows`` output rows: the input rows ``(lo, hi)`` its interpolation weights touch (bilinear: two
+    per output row, so about rows x h / hp + 2 of them). Read on the host from a CPU copy of the weights, so the
+    device is never asked; the weights outside the range are exact zeros, so the products over the range alone
+    give the same values."""
+    a = interp_matrix(h, hp, None, align_corners, torch.device("cpu"), torch.float64)[:, :ho] != 0
+    out = []
+    for r0 in range(0, ho, rows):
+        used = a[:, r0:r0 + rows].any(1).nonzero().flatten().tolist()
+        out.append((used[0], used[-1] + 1))
+    return tuple(out)
+
+
+class _Plan:
+    """The interpolation of one call: matrices (None: that dimension is not resized), sizes, bands."""
+
+    def __init__(self, x: torch.Tensor, size: tuple[int, int], out: tuple[int, int], align_corners: bool,
+                 chunk_elems: int) -> None:
+        b, c, h, w = x.shape
+        self.b, self.c, self.h, self.w = b, c, h, w
+        self.hp, self.wp = size  # the resized (padded) size
+        self.ho, self.wo = out  # the label's size: the top-left crop of the resized logits
+        dt = x.dtype
+        # (h, ho) / (w, wo): the padded size's matrices, cropped to the label's rows / columns
+        self.a_h = None if h == self.hp else interp_matrix(h, self.hp, None, align_corners, x.device, dt)[:, :self.ho]
+        self.a_w = None if w == self.wp else interp_matrix(w, self.wp, None, align_corners, x.device, dt)[:, :self.wo]
+        per_row = max(1, b * self.wo * c)
+        self.rows = max(1, min(self.ho, chunk_elems // per_row))
+        starts = range(0, self.ho, self.rows)
+        inputs = [(r0, r0 + 1) for r0 in starts] if self.a_h is None else \
+            _band_inputs(h, self.hp, self.ho, align_corners, self.rows)
+        # (r0, r1, lo, hi): output rows r0:r1 are made of input rows lo:hi
+        self.bands = [(r0, min(r0 + self.rows, self.ho), lo, hi) for r0, (lo, hi) in zip(starts, inputs)]
+
+    def width(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, C, h, w) resized along the width and cropped: (B, h, wo, C), classes contiguous."""
+        p = x.permute(0, 2, 3, 1).contiguous()  # (B, h, w, C): low resolution, cheap
+        if self.a_w is None:
+            return p[:, :, :self.wo].contiguous()
+        b, h, w, c = p.shape
+        t = torch.bmm(self.a_w.t().expand(b * h, self.wo, w), p.view(b * h, w, c))  # (B*h, wo, C)
+        return t.view(b, h, self.wo, c)
+
+    def rows_of(self, t: torch.Tensor, band: tuple[int, int, int, int]) -> torch.Tensor:
+        """The band's output rows of the width-resized ``t``: (B, R, wo, C), a tensor of its own (never a view of
+        ``t``; the same buffer for every band of a call: no fresh allocation per band)."""
+        r0, r1, lo, hi = band
+        b, _, wo, c = t.shape
+        buf = getattr(self, "_buf", None)
+        if buf is None:
+            buf = self._buf = t.new_empty(b * self.rows * wo * c)
+        z = buf[:b * (r1 - r0) * wo * c].view(b, r1 - r0, wo * c)
+        if self.a_h is None:
+            z.view(b, r1 - r0, wo, c).copy_(t[:, r0:r1])
+        else:
+            a = self.a_h[lo:hi, r0:r1].t()  # (R, K): the band's weights, K = the input rows it reads
+            torch.bmm(a.expand(b, r1 - r0, hi - lo), t[:, lo:hi].reshape(b, hi - lo, wo * c), out=z)
+        return z.view(b, r1 - r0, wo, c)
+
+    def rows_back(self, g_t: torch.Tensor, g: torch.Tensor, band: tuple[int, int, int, int]) -> None:
+        """Add the band's gradient ``g`` (B, R, wo, C) into ``g_t`` (B, h, wo, C): the transposed product."""
+        r0, r1, lo, hi = band
+        if self.a_h is None:
+            g_t[:, r0:r1] = g
+            return
+        b, r, wo, c = g.shape
+        a = self.a_h[lo:hi, r0:r1]  # (K, R)
+        rows = g_t[:, lo:hi].view(b, hi - lo, wo * c)
+        if g.dtype == g_t.dtype == a.dtype:
+            rows.baddbmm_(a.expand(b, hi - lo, r), g.view(b, r, wo * c))  # accumulated in the product
+        else:  # half-precision products, float32 accumulation
+            rows += torch.bmm(a.expand(b, hi - lo, r), g.to(a.dtype).view(b, r, wo * c))
+
+
+class UpsampledCrossEntropy(torch.autograd.Function):
+    """The autograd function of :func:`upsampled_cross_entropy` (its arguments, positional)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, target: torch.Tensor, size: tuple[int, int], align_corners: bool,
+                ignore_index: int, chunk_elems: int) -> torch.Tensor:
+        acc = _acc_dtype(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            plan = _Plan(x, size, tuple(target.shape[-2:]), align_corners, chunk_elems)
+            t = plan.width(x)
+            total = torch.zeros((), dtype=acc, device=x.device)
+            for band in plan.bands:
+                r0, r1 = band[:2]
+                z = plan.rows_of(t, band).to(acc)
+                # log-softmax over contiguous classes, summed over the band's labelled pixels
+                total += F.cross_entropy(z.view(-1, plan.c), target[:, r0:r1].reshape(-1),
+                                         ignore_index=ignore_index, reduction="sum")
+            count = (target != ignore_index).sum()
+        ctx.save_for_backward(x, target, count)
+        ctx.args = (size, align_corners, ignore_index, chunk_elems)
+        return total / count  # all ignored: 0 / 0 = nan, as F.cross_entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, target, count = ctx.saved_tensors
+        size, align_corners, ignore_index, chunk_elems = ctx.args
+        acc = _acc_dtype(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            plan = _Plan(x, size, tuple(target.shape[-2:]), align_corners, chunk_elems)
+            t = plan.width(x)
+            # d loss / d logit of a pixel = scale * (softmax - one_hot); all ignored: zero (no pixel counts)
+            scale = torch.where(count > 0, grad.to(acc) / count.clamp_min(1), 0)
+            b, h, wo, c = plan.b, plan.h, plan.wo, plan.c
+            g_t = torch.zeros((b, h, wo, c), dtype=acc, device=x.device)
+            valid = target != ignore_index
+            index = target.masked_fill(~valid, 0).unsqueeze(-1)  # (B, H, W, 1): the label's class, 0 if ignored
+            weight = torch.where(valid, scale, 0).unsqueeze(-1)  # (B, H, W, 1)
+            for band in plan.bands:
+                r0, r1 = band[:2]
+                g = torch.softmax(plan.rows_of(t, band).to(acc), dim=-1)  # classes contiguous
+                idx = index[:, r0:r1]
+                g.scatter_(-1, idx, g.gather(-1, idx) - 1)  # - one_hot: one index per pixel, no accumulation
+                g.mul_(weight[:, r0:r1])
+                plan.rows_back(g_t, g, band)
+            g_t = g_t.to(x.dtype)
+            if plan.a_w is None:
+                g_p = g_t.new_zeros((b, h, plan.w, c))
+                g_p[:, :, :wo] = g_t
+            else:
+                g_p = torch.bmm(plan.a_w.expand(b * h, plan.w, wo), g_t.view(b * h, wo, c))
+                g_p = g_p.view(b, h, plan.w, c)
+            dx = g_p.permute(0, 3, 1, 2)  # (B, C, h, w), channels-last in memory
+            if x.is_contiguous():
+                dx = dx.contiguous()
+        return dx, None, None, None, None, None
+
+
+def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, size: Sequence[int] | None = None,
+                            align_corners: bool = False, ignore_index: int = 255,
+                            chunk_elems: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the non-ignored pixels of ``logits`` (B, C, h, w) resized bilinearly to ``size``
+    (default: the label's size) and cropped to the label ``target`` (B, H, W) at the top left: the value and
+    gradients of ``F.cross_entropy(F.interpolate(logits, size, mode="bilinear",
+    align_corners=align_corners)[..., :H, :W], target, ignore_index=ignore_index)``, band by band (module
+    docstring). ``chunk_elems``: elements of full-resolution logits per band (default: :data:`CHUNK_ELEMS` of the
+    device)."""
+    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
+        raise ValueError(f"upsampled_cross_entropy: expected logits (B, C, h, w) and target (B, H, W), got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"upsampled_cross_entropy: logits must be floating point, got {logits.dtype}")
+    out = tuple(int(s) for s in target.shape[-2:])
+    size = out if size is None else (int(size[0]), int(size[1]))
+    if size[0] < out[0] or size[1] < out[1]:
+        raise ValueError(f"upsampled_cross_entropy: the resized size {size} is smaller than the label {out}")
+    if target.dtype != torch.long:
+        target = target.long()
+    if chunk_elems is None:
+        chunk_elems = CHUNK_ELEMS.get(logits.device.type, CHUNK_ELEMS_DEFAULT)
+    return UpsampledCrossEntropy.apply(logits, target, size, bool(align_corners), int(ignore_index),
+                                       int(chunk_elems))
