@@ -84,16 +84,21 @@ def tiny_ckpt(tmp_path) -> Path:
     return write_tiny_checkpoint(tmp_path / "tiny.ckpt")
 
 
-def count_sdpa_calls(monkeypatch) -> list[int]:
-    """Count calls of ``F.scaled_dot_product_attention`` (the fused attention kernel): ``[n]``, updated live."""
-    import torch
-
+def count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Count calls of ``owner.<name>`` (still called through): ``[n]``, updated live."""
     calls = [0]
-    real = torch.nn.functional.scaled_dot_product_attention
+    real = getattr(owner, name)
 
     def spy(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(owner, name, spy)
     return calls
+
+
+def count_sdpa_calls(monkeypatch) -> list[int]:
+    """Count calls of ``F.scaled_dot_product_attention`` (the fused attention kernel)."""
+    import torch
+
+    return count_calls(monkeypatch, torch.nn.functional, "scaled_dot_product_attention")

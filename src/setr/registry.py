@@ -1,6 +1,6 @@
 """Name -> class / builder tables: one type for every table a config names an entry of.
 
-Decode heads, necks (:mod:`setr.models.registry`), encoders (:data:`setr.models.encoder.ENCODERS`), norm layers
+Decode heads, necks (:mod:`setr.models.registry`), encoders (:data:`setr.models.encoders.ENCODERS`), norm layers
 (:data:`setr.models.norm.NORM_LAYERS`) and datasets (:data:`setr.data.registry.DATASETS`) are all a
 :class:`Registry`, so a new entry is one ``@TABLE.register("name")`` away from the config, a taken name raises at
 import time (two entries silently shadowing each other would build the wrong thing), and an unknown name is the

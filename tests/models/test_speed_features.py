@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import count_sdpa_calls, model_cfg, tiny_model_cfg
+from conftest import count_calls, count_sdpa_calls, model_cfg, tiny_model_cfg
 from setr.checkpoint import ModelRecord
 from setr.errors import SETRConfigError
 from setr.inference import CPU_WINDOWS, auto_windows, infer
@@ -107,14 +107,7 @@ def test_grad_checkpointing_every_kth_block_same_gradients(monkeypatch, value, b
     ref = _net().train()
     net = _net(f"model.encoder.grad_checkpointing={str(value).lower()}").train()
     assert net.encoder.checkpointed_blocks == blocks
-    calls = [0]
-    real = cp.checkpoint
-
-    def spy(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cp, "checkpoint", spy)
+    calls = count_calls(monkeypatch, cp, "checkpoint")
     x = torch.randn(2, 3, 32, 32)
     grads = []
     for m in (ref, net):

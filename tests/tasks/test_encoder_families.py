@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import count_sdpa_calls, tiny_model_cfg, write_tiny_checkpoint
+from conftest import count_calls, count_sdpa_calls, tiny_model_cfg, write_tiny_checkpoint
 from pipeline import TINY, last_json, run_entry
 from setr import load_model
 from setr.checkpoint import ModelRecord
@@ -190,14 +190,7 @@ def test_grad_checkpointing_gives_the_same_gradients(name, monkeypatch):
     per block, the rotary embeddings passed along) and gives the same loss and gradients."""
     import torch.utils.checkpoint as ckpt
 
-    calls = [0]
-    real = ckpt.checkpoint
-
-    def spy(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ckpt, "checkpoint", spy)
+    calls = count_calls(monkeypatch, ckpt, "checkpoint")
     x, y = torch.randn(2, 3, 61, 75), torch.randint(0, NUM_CLASSES, (2, 61, 75))
     grads = {}
     for on in (False, True):

@@ -1,6 +1,7 @@
 """SETR models as plain ``torch.nn.Module`` (nothing of Lightning here)."""
 
-from setr.models.encoder import ENCODERS, ViTEncoder, load_state_dict_file
+from setr.models.encoder import ViTEncoder, load_state_dict_file
+from setr.models.encoders import ENCODERS
 from setr.models.heads import LinearAuxHead, MLAHead, MLANeck, UpHead
 from setr.models.registry import HEADS, NECKS, Registry
 from setr.models.setr import SETR, build_setr

@@ -24,7 +24,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from setr.errors import SETRConfigError
-from setr.models.encoders import ENCODERS, spec_of  # noqa: F401  (ENCODERS: re-exported)
+from setr.models.encoders import spec_of
 from setr.models.pretrained import (  # noqa: F401  (load_state_dict_file: re-exported)
     CLASSIFIER_PREFIXES,
     load_state_dict_file,
@@ -74,7 +74,7 @@ class ViTEncoder(nn.Module):
     """A timm ``VisionTransformer`` that returns chosen block outputs as feature maps.
 
     Args:
-        name: a key of :data:`ENCODERS`.
+        name: a key of :data:`setr.models.encoders.ENCODERS`.
         img_size: the input size the position embeddings are built for (the training crop).
         drop_prefix_tokens: drop cls (and distillation) tokens before the first block (official SETR-MLA).
         pos_embed_interp: interpolation used when the token grid differs from the built one.
