@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # the exact versions the suite passed with; CONSTRAINTS= installs from the ranges in pyproject.toml alone
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: install train test test-fast lint format constraints clean
+.PHONY: install train test test-fast lint format constraints clean peers bench-peers
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ train: install  ## train the small SETR on the built-in synthetic dataset (CPU, 
 
 test: install  ## the whole suite (what CI runs, after `make lint`)
 	$(PY) -m pytest -n 2 --dist loadfile -q $(ARGS)
+
+peers: install  ## mmsegmentation 1.2.2 for benchmarks/peers.py, offline (benchmarks/peers/site; not a dependency)
+	$(PY) benchmarks/peers/install.py
+
+bench-peers: peers  ## this project vs mmseg's SETR, ViT-B MLA 256 and 512 on this machine (benchmarks/README.md)
+	$(PY) benchmarks/record.py cpu_peers_vitb_mla_256 -- $(PY) benchmarks/peers.py --device cpu --crop 256 $(ARGS)
+	$(PY) benchmarks/record.py cpu_peers_vitb_mla_512 -- $(PY) benchmarks/peers.py --device cpu --crop 512 $(ARGS)
 
 test-fast: install  ## skip the end-to-end runs
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

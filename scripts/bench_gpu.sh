@@ -18,44 +18,16 @@ START=$(date +%s)
 mkdir -p "$OUT" "$RESULTS"
 export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=0
 
-left() { echo $((BUDGET - ($(date +%s) - START))); }
-
-# step NAME LIMIT_S COMMAND...: run it with at most LIMIT_S seconds (less when the budget is nearly spent);
-# returns the command's exit status (124: the limit ran out; 125: skipped, the budget was spent)
-step() {
-  local name=$1 limit=$2
-  shift 2
-  local rest t0 rc
-  rest=$(left)
-  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 125; fi
-  if [ "$rest" -lt 30 ]; then echo "== $name: skipped (budget spent)"; return 125; fi
-  [ "$limit" -gt "$rest" ] && limit=$rest
-  echo "== $name (limit ${limit}s) : $*"
-  t0=$(date +%s)
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-  rc=$?
-  grep -v '^{' "$OUT/$name.log" | grep -vE 'USDT|SyncActivityProfiler|Warning|warn' | tail -60
-  grep '^{' "$OUT/$name.log" | tail -1 >"$OUT/$name.json"
-  echo "== $name: rc=$rc in $(($(date +%s) - t0)) s"
-  return "$rc"
-}
-
-# recorded NAME LIMIT_S COMMAND...: step NAME through benchmarks/record.py, which writes $RESULTS/gpu_NAME.json
-# only when the command succeeds (a failed or timed-out step leaves any earlier file as it was); on success the
-# file is also copied to $OUT
-recorded() {
-  local name=$1 limit=$2
-  shift 2
-  step "$name" "$limit" "$PY" benchmarks/record.py "gpu_$name" --results "$RESULTS" --python "$PY" -- "$@" \
-    && cp "$RESULTS/gpu_$name.json" "$OUT/"
-}
+KIND=gpu
+. "$(dirname "$0")/bench_lib.sh"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 "$PY" -c "import torch, timm, lightning; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
 
 # The steps, most wanted first (when the budget runs out, the last ones are skipped)
 # 0. the CUDA-only tests
-step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_resize.py tests/test_speed_features.py
+step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/models/test_resize.py tests/models/test_speed_features.py \
+  tests/training/test_loss_path.py
 
 # 1. bilinear upsampling by 16 of MLA-sized logits (8 x 150 x 32 x 32 -> 512 x 512), forward + backward: resize
 #    (matrix products) against F.interpolate (atomic-add backward), bf16 and fp32, in one process
@@ -78,12 +50,31 @@ recorded mla512_loss_path 100 "$PY" src/bench.py experiment=ade20k_mla_b8 data.b
   bench.baseline.model.loss_path=reference 'bench.skip=[whole,slide,ms_flip,data]' bench.rounds=3 bench.warmup=1 \
   bench.steps_per_round=3
 
+# 4b. the peer, side by side in one process (benchmarks/peers.py; README there): mmsegmentation 1.2.2's SETR-MLA
+#    ViT-L/16 from its ADE20K config, fp32 and --amp (float16, dynamic loss scale), against this project on the same
+#    converted weights (fp32 and bf16-mixed); training images/s, peak memory, whole and slide inference
+"$PY" benchmarks/peers/install.py --site "${PEERS_SITE:-/tmp/setr_peers_site}" >/dev/null \
+  && export SETR_PEERS_SITE="${PEERS_SITE:-/tmp/setr_peers_site}"
+recorded peers_mla512 150 "$PY" benchmarks/peers.py --config setr_vit-l_mla_8xb2-160k_ade20k-512x512 \
+  --encoder vit_l --crop 512 --batch 8 --device cuda --precisions fp32,amp --steps 3 --rounds 3 --warmup 2
+
 # 5. step 3's training step with model.compile=true (inductor; compiling takes most of the limit) against the same
-#    without compile (both bf16 + fused attention + matmul resizing): the ratio is compile's alone
+#    without compile (both bf16 + fused attention + matmul resizing + the fused loss): the ratio is compile's alone
 recorded mla512_compile 200 "$PY" src/bench.py experiment=ade20k_mla_b8 data.batch_size=8 \
   trainer.precision=bf16-mixed model.compile=true bench.baseline.trainer.precision=bf16-mixed \
+  bench.baseline.model.encoder.fused_attn=true bench.baseline.model.resize=matmul bench.baseline.model.loss_path=fused \
+  'bench.skip=[whole,slide,ms_flip,data]' bench.rounds=3 bench.warmup=3 bench.steps_per_round=3
+
+# 5b. compile with the reference loss path (model.loss_path=reference) in both: compile's ratio without the fused loss
+recorded mla512_compile_reference 200 "$PY" src/bench.py experiment=ade20k_mla_b8 data.batch_size=8 \
+  trainer.precision=bf16-mixed model.compile=true model.loss_path=reference bench.baseline.trainer.precision=bf16-mixed \
   bench.baseline.model.encoder.fused_attn=true bench.baseline.model.resize=matmul \
   'bench.skip=[whole,slide,ms_flip,data]' bench.rounds=3 bench.warmup=3 bench.steps_per_round=3
+
+# 5c. the peer at 768x768: SETR-PUP ViT-L/16 (its Cityscapes config's network with ADE20K's 150 classes is not
+#    shipped; the ADE20K PUP config at 768), batch 8, fp32 and --amp against this project
+recorded peers_pup768 150 "$PY" benchmarks/peers.py --config setr_vit-l_pup_8xb2-160k_ade20k-512x512 \
+  --encoder vit_l --crop 768 --batch 8 --device cuda --precisions fp32,amp --steps 2 --rounds 3 --warmup 1
 
 # 6. ViT-L at 768x768, batch 8, bf16: gradient checkpointing (setting) against none (baseline); peak memory
 recorded ckpt_768_b8 120 "$PY" src/bench.py experiment=cityscapes_pup_80k data.batch_size=8 \

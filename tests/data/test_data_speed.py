@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -11,7 +15,7 @@ from PIL import Image
 
 from setr.data.base import DataError, read_image, read_mask, reduce_zero_label
 from setr.data.cityscapes import label_ids_to_train_ids
-from setr.data.speed import pipeline_throughput
+from setr.data.speed import main, pipeline_throughput
 from setr.data.transforms import NormalizePadToTensor, RandomRescale, build_pipeline, class_counts
 
 MEAN = [123.675, 116.28, 103.53]
@@ -33,6 +37,65 @@ def test_pipeline_throughput_keys(name):
     assert list(r["steps"]) == ["decode", "RandomRescale", "CatMaxRatioCrop", "HorizontalFlip",
                                 "PhotoMetricDistortion", "NormalizePadToTensor"]
     assert all(v >= 0 for v in r["steps"].values())
+
+
+# ------------------------------------------------------------------- the command line: its final JSON line
+_spec = importlib.util.spec_from_file_location(
+    "benchmarks_record", Path(__file__).resolve().parents[2] / "benchmarks" / "record.py")
+record = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(record)
+
+DATASET_KEYS = {"dataset", "crop_size", "image_size_hw", "output_shape", "images_per_s", "ms_per_image", "steps_ms"}
+
+
+def _cli(argv, capsys):
+    """(exit status, stdout, stderr) of ``python -m setr.data.speed ARGV``."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own mistakes
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_ends_with_one_json_line_that_record_py_keeps(capsys):
+    rc, out, err = _cli(["ade20k", "synthetic", "--num-images", "2", "--image-size", "80x60", "--crop", "32",
+                         "--seed", "3"], capsys)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert {"benchmark", "device", "workers", "threads_per_worker", "num_images", "seed", "crop", "image_size_hw",
+            "overrides", "images_per_s_per_worker", "datasets"} <= set(result)
+    assert (result["workers"], result["num_images"], result["seed"], result["crop"]) == (1, 2, 3, 32)
+    assert result["device"] == "cpu" and result["image_size_hw"] == [60, 80]
+    assert [d["dataset"] for d in result["datasets"]] == ["ade20k", "synthetic"]
+    assert list(result["images_per_s_per_worker"]) == ["ade20k", "synthetic"]
+    for d in result["datasets"]:
+        assert set(d) >= DATASET_KEYS
+        assert d["crop_size"] == 32 and d["image_size_hw"] == [60, 80] and d["output_shape"] == [3, 32, 32]
+        assert d["images_per_s"] > 0 and next(iter(d["steps_ms"])) == "decode"
+        assert result["images_per_s_per_worker"][d["dataset"]] == d["images_per_s"]
+    # the human-readable lines stay above it
+    assert lines[0].startswith("ade20k: ") and "images/s per worker" in lines[0]
+    assert any(line.startswith("synthetic: ") for line in lines[:-1])
+    assert record.last_json(out.splitlines(keepends=True)) == result
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["synthetic", "--num-images", "0"], "--num-images"),
+    (["synthetic", "--num-images", "x"], "--num-images"),
+    (["synthetic", "--seed", "-1"], "--seed"),
+    (["synthetic", "--crop", "0"], "--crop"),
+    (["synthetic", "--image-size", "80"], "--image-size"),
+    (["nope"], "conf/data/nope.yaml"),
+    (["synthetic", "--override", "data.crop_size=abc"], "data.crop_size"),
+    (["synthetic", "--override", "data.train_pipeline=3"], "data.train_pipeline"),
+    (["folder"], "data.num_classes"),
+])
+def test_cli_bad_arguments_end_in_one_line(argv, names, capsys):
+    rc, out, err = _cli(argv, capsys)
+    assert rc == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and names in err and "Traceback" not in err
 
 
 def _photo(rng, h=48, w=64):

@@ -13,7 +13,7 @@ from pipeline import ROOT
 from setr.benchmark.data import workers_per_gpu
 from setr.benchmark.inference import inference_configs, windows_per_forward
 from setr.benchmark.mfu import mfu, peak_tflops
-from setr.benchmark.profile import profile_train
+from setr.benchmark.profile import is_matmul, profile_train
 from setr.benchmark.timing import MEASURES, measures_of, timed
 from setr.benchmark.variant import Variant, precision_of
 from setr.errors import SETRConfigError
@@ -123,7 +123,25 @@ def test_inference_configs_follow_the_data_config():
 
 def test_profile_rows():
     a = torch.randn(64, 64)
-    rows = profile_train(lambda: (a @ a).relu_(), steps=2, device=torch.device("cpu"), rows=2, step_ms=1.0)
+    profiled = profile_train(lambda: (a @ a).relu_(), steps=2, device=torch.device("cpu"), rows=2, step_ms=1.0)
+    rows, split = profiled["top"], profiled["split"]
     assert 1 <= len(rows) <= 2 and all(set(r) == {"name", "self_ms", "share", "calls"} for r in rows)
     assert {r["name"] for r in rows} <= {"aten::mm", "aten::matmul", "aten::relu_", "aten::clamp_min_"}
     assert all(r["calls"] == 1 and r["self_ms"] > 0 for r in rows)
+    assert split["matmul_ms"] > 0 and split["other_ms"] > 0 and split["step_ms"] == 1.0
+    assert split["outside_share"] == pytest.approx(split["other_ms"] / (split["matmul_ms"] + split["other_ms"]))
+
+
+@pytest.mark.parametrize("name, matmul", [
+    ("aten::mm", True), ("aten::addmm", True), ("aten::convolution_backward", True),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", True), ("aten::_flash_attention_backward", True),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", True), ("nvjet_tst_128x256_64x4_2x1_v", True),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(...)", True),
+    ("aten::copy_", False), ("aten::_to_copy", False), ("aten::native_layer_norm", False),
+    ("aten::_log_softmax", False), ("aten::upsample_bilinear2d", False), ("aten::add_", False),
+    ("void at::native::elementwise_kernel<128, 4>(...)", False), ("aten::matmul", False),
+])
+def test_profile_split_names(name, matmul):
+    """aten::matmul is a dispatcher (its self time is not the product: that is aten::mm's); copies, norms,
+    softmax, resizing and elementwise kernels are outside."""
+    assert is_matmul(name) is matmul

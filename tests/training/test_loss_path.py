@@ -351,3 +351,21 @@ def test_no_checkpoint_is_written_after_a_nan_loss(tmp_path):
     with pytest.raises(TrainingDiverged, match="at step 1: training diverged"):
         trainer.fit(module, train_dataloaders=_loader())
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step=1.ckpt"]
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_band_rows_cover_every_weight(align_corners):
+    """The band rows, computed from the sizes alone, hold every input row whose interpolation weight is non-zero
+    (and at most one row more on each side), for upsampling, downsampling, odd sizes and crops."""
+    from setr.models.resize import interp_matrix
+    from setr.models.seg_loss import _band_inputs
+
+    for h in (1, 2, 3, 7, 16, 32):
+        for hp in (1, 5, 16, 33, 64, 128, 511):
+            for ho in sorted({1, hp // 2 or 1, hp}):
+                a = interp_matrix(h, hp, None, align_corners, torch.device("cpu"), torch.float64)[:, :ho] != 0
+                for rows in (1, 3, 16):
+                    for (lo, hi), r0 in zip(_band_inputs(h, hp, ho, align_corners, rows), range(0, ho, rows)):
+                        used = a[:, r0:r0 + rows].any(1).nonzero().flatten().tolist()
+                        assert 0 <= lo <= used[0] and used[-1] < hi <= h, (h, hp, ho, rows, r0)
+                        assert used[0] - lo <= 1 and hi - 1 - used[-1] <= 1, (h, hp, ho, rows, r0)

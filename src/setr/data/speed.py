@@ -7,12 +7,19 @@ class's own ``load`` (decode + label mapping, as training does) and runs the con
 this process: images per second of one worker, and the milliseconds of every step. A DataLoader with ``N``
 workers delivers about ``N`` times that (while there are free cores).
 
-    python -m setr.data.speed ade20k cityscapes --num-images 50
+    python -m setr.data.speed ade20k cityscapes --num-images 50 [--crop 512] [--image-size 683x512] [--seed 0]
+
+It prints one human-readable line per dataset and, as its last stdout line, one JSON object: the settings measured
+(``workers``: 1, ``num_images``, ``seed``, ``crop``, ``image_size_hw``, ``overrides``), ``images_per_s_per_worker``
+by dataset, and ``datasets``: per dataset its ``crop_size``, ``image_size_hw`` (of the fake source files),
+``output_shape``, ``images_per_s``, ``ms_per_image`` and ``steps_ms``; ``benchmarks/record.py`` keeps it with its
+provenance. Bad arguments end in one line (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -24,6 +31,9 @@ import numpy as np
 import torch
 
 from setr.data.base import SegDataset
+from setr.errors import SETRConfigError
+from setr.utils.output import print_last_line
+from setr.values import positive_int
 
 # (height, width) of a typical image of each dataset (ADE20K's are ~683x512 on average; Cityscapes' all 2048x1024)
 DEFAULT_SIZES = {"ade20k": (512, 683), "cityscapes": (1024, 2048)}
@@ -187,18 +197,126 @@ def load_data_cfg(name: str, overrides: Sequence[str] = ()) -> dict:
     return OmegaConf.to_container(cfg.data, resolve=True)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("datasets", nargs="*", default=["ade20k", "cityscapes"])
-    p.add_argument("--num-images", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+def _at_least(minimum: int):
+    """An argparse type: an integer ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` (e.g. ``683x512``, as the lines print it) as ``(height, width)``."""
+    parts = text.lower().split("x")
+    try:
+        w, h = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 683x512, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {text!r}")
+    return h, w
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes end in one line (the usage stays behind ``--help``)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m setr.data.speed",
+                description="Images/s of one data-loading worker running each dataset's train pipeline on fake "
+                            "files of its real size and format; the last stdout line is one JSON object "
+                            "(benchmarks/record.py keeps it).")
+    p.add_argument("datasets", nargs="*", default=["ade20k", "cityscapes"], metavar="DATASET",
+                   help="data configs (conf/data/<DATASET>.yaml) to measure (default: ade20k cityscapes)")
+    p.add_argument("--num-images", type=_at_least(1), default=50, help="samples timed per dataset (default 50)")
+    p.add_argument("--seed", type=_at_least(0), default=0,
+                   help="seeds the fake files and the augmentations (default 0)")
+    p.add_argument("--crop", type=_at_least(1), default=None, metavar="N",
+                   help="crop size (data.crop_size=N; default: each config's)")
+    p.add_argument("--image-size", type=_image_size, default=None, metavar="WxH",
+                   help="size of the fake source images, e.g. 683x512 (default: each dataset's typical size)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Hydra override of the composed config, e.g. data.num_classes=5 (repeatable)")
+    return p
+
+
+def _config(name: str, overrides: Sequence[str]) -> dict:
+    """``load_data_cfg`` with its failures as one :class:`SETRConfigError` line naming the dataset."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from setr.paths import conf_dir
+
+    known = sorted(f.stem for f in (conf_dir() / "data").glob("*.yaml"))
+    if name not in known:
+        raise SETRConfigError(f"dataset {name!r}: no conf/data/{name}.yaml; choose from {', '.join(known)}")
+    try:
+        cfg = load_data_cfg(name, overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        why = " ".join(str(e).split("\n")[0].split())
+        hint = " (set it with --override KEY=VALUE)" if "Missing mandatory value" in why else ""
+        raise SETRConfigError(f"dataset {name!r} with overrides {list(overrides)}: {why}{hint}") from None
+    if cfg.get("crop_size") is not None:
+        positive_int(cfg["crop_size"], "data.crop_size")
+    if not isinstance(cfg.get("train_pipeline"), list):
+        raise SETRConfigError(f"data.train_pipeline: expected a list of steps, got {cfg.get('train_pipeline')!r}")
+    return cfg
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure every dataset of ``args``; prints the human-readable lines and returns the JSON line's object."""
+    overrides = [*([f"data.crop_size={args.crop}"] if args.crop is not None else []), *args.override]
+    results = []
     for name in args.datasets:
-        r = pipeline_throughput(load_data_cfg(name), num_images=args.num_images, seed=args.seed)
+        r = pipeline_throughput(_config(name, overrides), num_images=args.num_images, image_size=args.image_size,
+                                seed=args.seed)
         steps = "  ".join(f"{k} {v:.2f}" for k, v in r["steps"].items())
         print(f"{name}: {r['images_per_s']:.1f} images/s per worker ({r['ms_per_image']:.2f} ms/image; "
-              f"{r['image_size'][1]}x{r['image_size'][0]} -> {r['output_shape']})\n  ms: {steps}")
+              f"{r['image_size'][1]}x{r['image_size'][0]} -> {r['output_shape']})\n  ms: {steps}", flush=True)
+        results.append({
+            "dataset": name,
+            "crop_size": r["crop_size"],
+            "image_size_hw": list(r["image_size"]),
+            "output_shape": list(r["output_shape"]),
+            "images_per_s": round(r["images_per_s"], 3),
+            "ms_per_image": round(r["ms_per_image"], 3),
+            "steps_ms": r["steps"],
+        })
+    return {
+        "benchmark": "data_speed",
+        "device": "cpu",  # the data pipeline runs on the CPU (record.py: the CPU model is the device)
+        "workers": 1,  # one worker: this process, no DataLoader; N workers give about N x (while cores are free)
+        "threads_per_worker": 1,
+        "num_images": args.num_images,
+        "seed": args.seed,
+        "crop": args.crop,
+        "image_size_hw": list(args.image_size) if args.image_size else None,
+        "overrides": overrides,
+        "images_per_s_per_worker": {r["dataset"]: r["images_per_s"] for r in results},
+        "datasets": results,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        out = run(args)
+    except SETRConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_last_line(out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

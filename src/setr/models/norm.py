@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from setr.registry import Registry
@@ -39,10 +40,21 @@ def build_norm(kind: str, channels: int) -> nn.Module:
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channel axis of an NCHW map (what SETR's heads apply to ViT tokens). The result is
     made NCHW-contiguous, unless ``keep_layout`` (set by ``model.channels_last``): then it keeps the
-    channels-last strides the normalisation produces, with no copy."""
+    channels-last strides the normalisation produces, with no copy.
+
+    Under autocast to a lower precision the result is in that dtype: in every head and in the MLA neck it feeds a
+    convolution, which autocast would make cast it anyway (the same rounding, so the same values). The cast and
+    the layout copy are then one copy, instead of a float32 layout copy (the encoder's residual stream, hence the
+    norm, is float32) cast down again by the convolution (benchmarks/dtype_copies.py)."""
 
     keep_layout = False
 
     def forward(self, x):  # type: ignore[override]
         y = super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        dev = y.device.type
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):  # meta tensors: no autocast
+            low = torch.get_autocast_dtype(dev)
+            if low.itemsize < y.dtype.itemsize:
+                fmt = torch.preserve_format if self.keep_layout else torch.contiguous_format
+                return y.to(low, memory_format=fmt)
         return y if self.keep_layout else y.contiguous()

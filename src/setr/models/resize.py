@@ -50,7 +50,10 @@ def interp_matrix(n_in: int, n_out: int, scale: float | None, align_corners: boo
     """The (n_in, n_out) matrix ``A`` of 1-D linear interpolation (``out = x @ A``), PyTorch's weights: row ``i``
     is ``F.interpolate(e_i, mode="linear")`` of the i-th unit vector."""
     key = (n_in, n_out, scale, align_corners, device, dtype)
-    hit = _CACHE.get(key)
+    # traced by torch.compile: the matrix becomes a constant of the graph; reading the cache would make dynamo
+    # guard on its keys (and recompile whenever an eager call adds one)
+    compiling = torch.compiler.is_compiling()
+    hit = None if compiling else _CACHE.get(key)
     if hit is not None:
         return hit
     # weights computed as F.interpolate computes them for this dtype (fp64 in double, everything else in fp32);
@@ -63,7 +66,7 @@ def interp_matrix(n_in: int, n_out: int, scale: float | None, align_corners: boo
         else:
             a = F.interpolate(eye, scale_factor=scale, mode="linear", align_corners=align_corners)[0]
         a = a.to(dtype)
-    if not torch.compiler.is_compiling():
+    if not compiling:
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
         _CACHE[key] = a

@@ -19,9 +19,13 @@ band, forms ``softmax - one_hot`` there (one gather / scatter per pixel, no accu
 the transposed products: no atomics, deterministic on every device. Peak memory is a band (``chunk_elems``
 elements) instead of the full-resolution logits and their log-softmax.
 
-Dtypes: the resizing products run in the logits' dtype (as :func:`setr.models.resize.resize`: bf16 logits give
-the same rounding as resizing them first), the log-softmax, the loss and the gradient accumulation in float32
-(float64 for float64 logits). The loss is float32 (float64); the gradient has the logits' dtype.
+Dtypes: everything runs in float32 (float64 for float64 logits): half-precision logits are cast up once, at their
+own (low) resolution, and the gradient is cast back to their dtype once, at the same resolution. The resizing
+products, the log-softmax, the loss and the gradient accumulation are float32; no band of full-resolution logits
+is ever cast (casting each band up in the forward and in the backward, and its gradient down, were three
+full-resolution dtype copies per head: benchmarks/dtype_copies.py). For bf16 logits the loss is the reference's
+on the logits resized in float32 (one bf16 rounding fewer than resizing them in bf16 first). The loss is float32
+(float64); the gradient has the logits' dtype.
 
 All pixels ignored: the loss is ``nan`` and the gradient zero, as ``F.cross_entropy`` gives (0 / 0).
 """
@@ -55,14 +59,20 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 @functools.lru_cache(maxsize=64)
 def _band_inputs(h: int, hp: int, ho: int, align_corners: bool, rows: int) -> tuple[tuple[int, int], ...]:
     """Per band of ``rows`` output rows: the input rows ``(lo, hi)`` its interpolation weights touch (bilinear: two
-    per output row, so about rows x h / hp + 2 of them). Read on the host from a CPU copy of the weights, so the
-    device is never asked; the weights outside the range are exact zeros, so the products over the range alone
+    per output row, so about rows x h / hp + 2 of them). Plain Python arithmetic on the sizes (no tensor, so
+    neither the device nor ``torch.compile`` is asked: the loss traces as one graph): PyTorch's source index of
+    the band's first and last output row, widened by a row each way against its float32 rounding. The range may
+    hold a row more than the weights touch, whose weights are exact zeros, so the products over the range alone
     give the same values."""
-    a = interp_matrix(h, hp, None, align_corners, torch.device("cpu"), torch.float64)[:, :ho] != 0
+    scale = ((h - 1) / (hp - 1) if hp > 1 else 0.0) if align_corners else h / hp
+
+    def src(r: int) -> float:
+        return scale * r if align_corners else max(scale * (r + 0.5) - 0.5, 0.0)
+
     out = []
     for r0 in range(0, ho, rows):
-        used = a[:, r0:r0 + rows].any(1).nonzero().flatten().tolist()
-        out.append((used[0], used[-1] + 1))
+        r1 = min(r0 + rows, ho)
+        out.append((max(0, int(src(r0) - 1e-6)), min(h, int(src(r1 - 1) + 1e-6) + 2)))
     return tuple(out)
 
 
@@ -75,7 +85,7 @@ class _Plan:
         self.b, self.c, self.h, self.w = b, c, h, w
         self.hp, self.wp = size  # the resized (padded) size
         self.ho, self.wo = out  # the label's size: the top-left crop of the resized logits
-        dt = x.dtype
+        dt = self.dtype = _acc_dtype(x.dtype)  # every product in float32 (float64), whatever the logits' dtype
         # (h, ho) / (w, wo): the padded size's matrices, cropped to the label's rows / columns
         self.a_h = None if h == self.hp else interp_matrix(h, self.hp, None, align_corners, x.device, dt)[:, :self.ho]
         self.a_w = None if w == self.wp else interp_matrix(w, self.wp, None, align_corners, x.device, dt)[:, :self.wo]
@@ -88,8 +98,12 @@ class _Plan:
         self.bands = [(r0, min(r0 + self.rows, self.ho), lo, hi) for r0, (lo, hi) in zip(starts, inputs)]
 
     def width(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, C, h, w) resized along the width and cropped: (B, h, wo, C), classes contiguous."""
-        p = x.permute(0, 2, 3, 1).contiguous()  # (B, h, w, C): low resolution, cheap
+        """``x`` (B, C, h, w) resized along the width and cropped: (B, h, wo, C), classes contiguous, in
+        float32 (float64)."""
+        # (B, h, w, C) in the plan's dtype: low resolution, one copy for the layout and (half precision) the cast
+        p = x.permute(0, 2, 3, 1)
+        # (Tensor.to(memory_format=...) with the same dtype returns the tensor itself, whatever its strides)
+        p = p.contiguous() if p.dtype == self.dtype else p.to(self.dtype, memory_format=torch.contiguous_format)
         if self.a_w is None:
             return p[:, :, :self.wo].contiguous()
         b, h, w, c = p.shape
@@ -121,10 +135,7 @@ class _Plan:
         b, r, wo, c = g.shape
         a = self.a_h[lo:hi, r0:r1]  # (K, R)
         rows = g_t[:, lo:hi].view(b, hi - lo, wo * c)
-        if g.dtype == g_t.dtype == a.dtype:
-            rows.baddbmm_(a.expand(b, hi - lo, r), g.view(b, r, wo * c))  # accumulated in the product
-        else:  # half-precision products, float32 accumulation
-            rows += torch.bmm(a.expand(b, hi - lo, r), g.to(a.dtype).view(b, r, wo * c))
+        rows.baddbmm_(a.expand(b, hi - lo, r), g.view(b, r, wo * c))  # accumulated in the product (one dtype)
 
 
 class UpsampledCrossEntropy(torch.autograd.Function):
@@ -136,11 +147,11 @@ class UpsampledCrossEntropy(torch.autograd.Function):
         acc = _acc_dtype(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
             plan = _Plan(x, size, tuple(target.shape[-2:]), align_corners, chunk_elems)
-            t = plan.width(x)
+            t = plan.width(x)  # half precision: the one cast up, at the logits' resolution
             total = torch.zeros((), dtype=acc, device=x.device)
             for band in plan.bands:
                 r0, r1 = band[:2]
-                z = plan.rows_of(t, band).to(acc)
+                z = plan.rows_of(t, band)  # in acc already
                 # log-softmax over contiguous classes, summed over the band's labelled pixels
                 total += F.cross_entropy(z.view(-1, plan.c), target[:, r0:r1].reshape(-1),
                                          ignore_index=ignore_index, reduction="sum")
@@ -167,12 +178,11 @@ class UpsampledCrossEntropy(torch.autograd.Function):
             weight = torch.where(valid, scale, 0).unsqueeze(-1)  # (B, H, W, 1)
             for band in plan.bands:
                 r0, r1 = band[:2]
-                g = torch.softmax(plan.rows_of(t, band).to(acc), dim=-1)  # classes contiguous
+                g = torch.softmax(plan.rows_of(t, band), dim=-1)  # classes contiguous
                 idx = index[:, r0:r1]
                 g.scatter_(-1, idx, g.gather(-1, idx) - 1)  # - one_hot: one index per pixel, no accumulation
                 g.mul_(weight[:, r0:r1])
                 plan.rows_back(g_t, g, band)
-            g_t = g_t.to(x.dtype)
             if plan.a_w is None:
                 g_p = g_t.new_zeros((b, h, plan.w, c))
                 g_p[:, :, :wo] = g_t
@@ -180,7 +190,12 @@ class UpsampledCrossEntropy(torch.autograd.Function):
                 g_p = torch.bmm(plan.a_w.expand(b * h, plan.w, wo), g_t.view(b * h, wo, c))
                 g_p = g_p.view(b, h, plan.w, c)
             dx = g_p.permute(0, 3, 1, 2)  # (B, C, h, w), channels-last in memory
-            if x.is_contiguous():
+            # the logits' dtype (the one cast of the gradient, at their resolution) and, for contiguous logits,
+            # their layout: one copy for both
+            if dx.dtype != x.dtype:
+                fmt = torch.contiguous_format if x.is_contiguous() else torch.preserve_format
+                dx = dx.to(x.dtype, memory_format=fmt)
+            elif x.is_contiguous():
                 dx = dx.contiguous()
         return dx, None, None, None, None, None
 
