@@ -81,16 +81,19 @@ def nvidia_driver() -> str | None:
     return out.strip().splitlines()[0].strip() if out.strip() else None
 
 
-def git_state() -> tuple[str | None, bool | None]:
-    """(HEAD's commit, whether tracked files differ from it), or (None, None) outside a git checkout."""
+def git_state(where: Path | None = None) -> tuple[str | None, bool | None, list[str]]:
+    """(HEAD's commit, whether tracked files differ from it, which ones) of the checkout the command ran in (the
+    working directory: a second worktree at another commit records that commit), or (None, None, []) outside
+    a git checkout."""
+    where = Path.cwd() if where is None else where
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
                                 timeout=30, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
-        return None, None
-    return commit, bool(dirty)
+        return None, None, []
+    return commit, bool(dirty), [line[3:] for line in dirty]
 
 
 def interpreter_of(command: list[str], given: str | None) -> str:
@@ -176,7 +179,7 @@ def record(name: str, command: list[str], results: Path = RESULTS, python: str |
         return 1
     versions = probe(interpreter_of(command, python))
     gpu = result.get("gpu") or (versions.get("gpu") if result.get("device") == "cuda" else None)
-    commit, dirty = git_state()
+    commit, dirty, changed = git_state()
     provenance = {
         "device_name": gpu or cpu_model(),
         "driver": nvidia_driver() if gpu else None,
@@ -186,6 +189,7 @@ def record(name: str, command: list[str], results: Path = RESULTS, python: str |
         "lightning": versions.get("lightning"),
         "git_commit": commit,
         "git_dirty": dirty,
+        "git_dirty_files": changed[:20],  # what differed (e.g. only docs), when git_dirty
         "date_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": shlex.join(command),
         "wall_s": round(wall, 1),
