@@ -82,9 +82,9 @@ def nvidia_driver() -> str | None:
 
 
 def git_state(where: Path | None = None) -> tuple[str | None, bool | None, list[str]]:
-    """(HEAD's commit, whether tracked files differ from it, which ones) of the checkout the command ran in (the
-    working directory: a second worktree at another commit records that commit), or (None, None, []) outside
-    a git checkout."""
+    """(HEAD's commit, whether tracked files other than ``benchmarks/results/`` differ from it, which ones) of the
+    checkout the command ran in (the working directory: a second worktree at another commit records that commit),
+    or (None, None, []) outside a git checkout."""
     where = Path.cwd() if where is None else where
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
@@ -93,7 +93,9 @@ def git_state(where: Path | None = None) -> tuple[str | None, bool | None, list[
                                capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return None, None, []
-    return commit, bool(dirty), [line[3:] for line in dirty]
+    # result files written by earlier steps of a run are not the code measured
+    changed = [line[3:] for line in dirty if not line[3:].startswith("benchmarks/results/")]
+    return commit, bool(changed), changed
 
 
 def interpreter_of(command: list[str], given: str | None) -> str:
