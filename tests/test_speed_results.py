@@ -205,3 +205,24 @@ def test_recorder_writes_nothing_when_the_command_fails_or_prints_no_json(tmp_pa
                             capture_output=True, text=True, timeout=120)
     assert silent.returncode == 1 and "no JSON object line" in silent.stderr.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_split_of_an_older_result_file(tmp_path, capsys):
+    """benchmarks/profile_split.py derives the split of a file whose profile is a plain operator list."""
+    spec = importlib.util.spec_from_file_location("benchmarks_profile_split",
+                                                  ROOT / "benchmarks" / "profile_split.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [{"name": "aten::mm", "self_ms": 30.0}, {"name": "aten::_log_softmax", "self_ms": 6.0},
+            {"name": "aten::mm", "self_ms": 4.0}, {"name": "aten::copy_", "self_ms": 4.0}]
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps({"result": {"profile": rows,
+                                          "measures": {"train_steps_per_s": {"setting": {"median": 20.0}}}}}))
+    assert mod.main([str(src)]) == 0
+    split = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["split"]
+    assert split == {"matmul_ms": 34.0, "other_ms": 10.0, "profiled_ms": 44.0, "step_ms": 50.0,
+                     "outside_share": 10.0 / 44.0}
+    src.write_text(json.dumps({"result": {}}))
+    assert mod.main([str(src)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {src}: no bench result with a profile")
