@@ -31,6 +31,18 @@ recorded peers_vitb_mla_256 600 "$PY" benchmarks/peers.py --device cpu --encoder
 recorded vitb_mla_512_train 900 "$PY" src/bench.py $VITB model=setr_mla data.crop_size=512 bench.rounds=3 \
   bench.steps_per_round=2 bench.warmup=1 'bench.skip=[whole,slide,ms_flip,data]' bench.profile=400
 
+# 2b. the same with 150 classes (data=ade20k's network and loss, random inputs): the profile split of docs/speed.md
+#     ("Where a CPU training step goes"). Its "before" row ran the same command at baa867f in a worktree
+#     (git worktree add /tmp/before baa867f; cd /tmp/before; PYTHONPATH=src ... record.py
+#     cpu_vitb_mla_512_ade20k_profile_before ...), and benchmarks/profile_split.py derives that file's split
+# shellcheck disable=SC2086
+recorded vitb_mla_512_ade20k_profile 900 "$PY" src/bench.py $VITB data=ade20k model=setr_mla data.crop_size=512 \
+  bench.rounds=3 bench.steps_per_round=2 bench.warmup=1 'bench.skip=[whole,slide,ms_flip,data]' bench.profile=400
+if [ -f "$RESULTS/cpu_vitb_mla_512_ade20k_profile_before.json" ]; then
+  recorded vitb_mla_512_ade20k_profile_before_split 60 "$PY" benchmarks/profile_split.py \
+    "$RESULTS/cpu_vitb_mla_512_ade20k_profile_before.json"
+fi
+
 # 3. the 256 rows: each head fp32, MLA bf16, the small default model, the resize micro-benchmark, the data pipeline
 for head in mla naive pup; do
   # shellcheck disable=SC2086
