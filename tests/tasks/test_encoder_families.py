@@ -316,13 +316,14 @@ def test_dynamo_onnx_static_export(name, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- end to end
-# one head per family through the real entry points (the head sweep trains in-process above)
-E2E_HEAD = {"vit_large_patch14_reg4_dinov2": "naive", "vit_large_patch16_dinov3": "pup",
-            "eva02_large_patch14": "mla", "deit3_large_patch16": "pup"}
+# the real entry points for the two families timm builds as Eva (RoPE; patch 14 with an absolute table, patch 16
+# with registers and none): DINOv2 and DeiT-III are timm's VisionTransformer, the class the paper's ViT runs
+# through every entry-point test of the suite, and the head sweep, export and load above cover them in-process
+E2E_HEAD = {"vit_large_patch16_dinov3": "pup", "eva02_large_patch14": "mla"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(E2E_HEAD))
 def test_train_eval_export_load(name, tmp_path):
     """``src/train.py`` two steps -> ``src/eval.py`` with 45-pixel sliding windows (a multiple of neither patch
     size) on 64x64 images -> ONNX export (default dynamo exporter, dynamic sizes) whose check passes at 3 sizes ->
