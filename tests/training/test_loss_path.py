@@ -51,12 +51,12 @@ SIZES = [((13, 17), (61, 47), (61, 47)), ((13, 17), (61, 47), (64, 48)), ((16, 1
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-def check_exact(fn, dtype, ac, chunk_elems=None):
+def check_exact(fn, dtype, ac, chunk_elems=None, classes=5):
     """Raise AssertionError unless ``fn`` equals :func:`reference` within :data:`TOL` on every size of SIZES."""
     kw = {} if chunk_elems is None else {"chunk_elems": chunk_elems}
     worst = 0.0
     for low, label, size in SIZES:
-        x, t = _case(dtype, low=low, label=label)
+        x, t = _case(dtype, classes=classes, low=low, label=label)
         dv, dg, _, _ = _diffs(fn, x, t, size, ac, **kw)
         assert dv <= TOL[dtype] and dg <= TOL[dtype], (dtype, ac, low, label, size, dv, dg)
         worst = max(worst, dv, dg)
@@ -66,8 +66,10 @@ def check_exact(fn, dtype, ac, chunk_elems=None):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("chunk_elems", [None, 37])  # one band / a band of one row (37 < one row's elements)
-def test_values_and_gradients_equal_interpolate_then_cross_entropy(dtype, align_corners, chunk_elems):
-    check_exact(upsampled_cross_entropy, dtype, align_corners, chunk_elems)
+# 5 classes: a CPU band normalised in NCHW (setr.models.seg_loss.CPU_SHORT_CLASSES); 19: over contiguous classes
+@pytest.mark.parametrize("classes", [5, 19])
+def test_values_and_gradients_equal_interpolate_then_cross_entropy(dtype, align_corners, chunk_elems, classes):
+    check_exact(upsampled_cross_entropy, dtype, align_corners, chunk_elems, classes)
 
 
 def test_the_exactness_check_fails_on_wrong_implementations():
