@@ -19,6 +19,7 @@ provenance. Bad arguments end in one line (exit status 2).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -32,7 +33,6 @@ import torch
 
 from setr.data.base import SegDataset
 from setr.errors import SETRConfigError
-from setr.utils.output import print_last_line
 from setr.values import positive_int
 
 # (height, width) of a typical image of each dataset (ADE20K's are ~683x512 on average; Cityscapes' all 2048x1024)
@@ -314,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SETRConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_last_line(out)
+    sys.stderr.flush()
+    print(json.dumps(out), flush=True)  # the final stdout line: one JSON object (benchmarks/record.py keeps it)
     return 0
 
 
