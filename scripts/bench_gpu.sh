@@ -21,18 +21,24 @@ export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=0
 KIND=gpu
 . "$(dirname "$0")/bench_lib.sh"
 
+# a machine without network and without the project installed (the lent GPU machines): src/ on the path, and the
+# dependencies its image lacks from .whl/ (made here by scripts/device_wheels.sh; carried with the checkout)
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import hydra, omegaconf, albumentations" 2>/dev/null; then
+  if [ -d .whl ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/setr_site .whl/*.whl \
+      && export PYTHONPATH="$PYTHONPATH:/tmp/setr_site"
+  else
+    echo "error: $PY lacks hydra-core / omegaconf / albumentations and there is no .whl/ (bash scripts/device_wheels.sh)"
+    exit 2
+  fi
+fi
+
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 "$PY" -c "import torch, timm, lightning; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
 
-# The steps, most wanted first (when the budget runs out, the last ones are skipped)
-# 0. the CUDA-only tests
-step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/models/test_resize.py tests/models/test_speed_features.py \
-  tests/training/test_loss_path.py
-
-# 1. bilinear upsampling by 16 of MLA-sized logits (8 x 150 x 32 x 32 -> 512 x 512), forward + backward: resize
-#    (matrix products) against F.interpolate (atomic-add backward), bf16 and fp32, in one process
-recorded resize_vs_interpolate 60 "$PY" benchmarks/resize_vs_interpolate.py --device cuda
-
+# The steps, most wanted first (when the budget runs out, the last ones are skipped and say so): the loss path,
+# the MLA row with MFU and profile, the fused loss and compile against their baselines, the peer, PUP 768
 # 2. the training loss path alone (8 x 150 x 32 x 32 logits, 512 x 512 labels, bf16): reference against fused
 recorded loss_path 60 "$PY" benchmarks/loss_path.py --device cuda --dtype bfloat16 --batch 8
 
@@ -93,5 +99,13 @@ recorded slide_1024x2048 120 "$PY" src/bench.py experiment=cityscapes_pup_80k da
 #    whole run's time, start-up included)
 recorded train_ddp_bf16 120 "$PY" src/train.py trainer=ddp trainer.devices=1 trainer.accelerator=gpu \
   trainer.precision=bf16-mixed logger=csv
+
+# last (they are not this release's rows): 0. the CUDA-only tests
+step cuda_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/models/test_resize.py tests/models/test_speed_features.py \
+  tests/training/test_loss_path.py
+
+# 1. bilinear upsampling by 16 of MLA-sized logits (8 x 150 x 32 x 32 -> 512 x 512), forward + backward: resize
+#    (matrix products) against F.interpolate (atomic-add backward), bf16 and fp32, in one process
+recorded resize_vs_interpolate 60 "$PY" benchmarks/resize_vs_interpolate.py --device cuda
 
 echo "== done in $(($(date +%s) - START)) s; result files: $RESULTS/gpu_*.json (copies in $OUT)"

@@ -113,3 +113,20 @@ def test_without_mmseg_one_line(tmp_path):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "mmsegmentation 1.2.2 is not installed; run `make peers`" in lines[0], out.stderr
+
+
+def test_requirements_are_the_shipped_wheels():
+    """benchmarks/peers/requirements.txt pins exactly the wheels of benchmarks/peers/wheels (one of each)."""
+    folder = ROOT / "benchmarks" / "peers"
+    pins = {}
+    for line in (folder / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower().replace("-", "_")] = version
+    wheels = {}
+    for w in (folder / "wheels").glob("*.whl"):
+        name, version = w.name.split("-")[:2]
+        assert name.lower() not in wheels, f"two wheels of {name}"
+        wheels[name.lower()] = version
+    assert pins == wheels
