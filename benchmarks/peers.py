@@ -207,6 +207,7 @@ def mmseg_sides(cfg, precisions: list[str], device: torch.device, batch: int, cr
 
 def our_sides(mm_model, cfg, precisions: list[str], ours_amp: str, device: torch.device, batch: int, crop: int,
               x: torch.Tensor, y: torch.Tensor, xi: torch.Tensor) -> tuple[Any, list[Side], dict[str, Any]]:
+    from setr.benchmark.train import train_step_fn
     from setr.benchmark.variant import Variant, autocast, build_variant
     from setr.checkpoint.released import convert_state_dict
     from setr.inference import infer
@@ -229,20 +230,7 @@ def our_sides(mm_model, cfg, precisions: list[str], ours_amp: str, device: torch
         build_variant(v, device, total_steps=10_000)
         v.module.model.load_state_dict(conv.state_dict, strict=True)
         first = first or v
-        module, optim = v.module, v.optim
-
-        def step(v=v, module=module, optim=optim) -> None:
-            module.train()
-            optim.zero_grad(set_to_none=True)
-            with autocast(v, device):
-                loss, _ = module.compute_loss(module(x), y)
-            if v.scaler is not None:
-                v.scaler.scale(loss).backward()
-                v.scaler.step(optim)
-                v.scaler.update()
-            else:
-                loss.backward()
-                optim.step()
+        module = v.module
 
         def run(inp: torch.Tensor, icfg: dict[str, Any], v=v, module=module) -> Any:
             def go() -> None:
@@ -251,7 +239,7 @@ def our_sides(mm_model, cfg, precisions: list[str], ours_amp: str, device: torch
                     infer(module, inp, icfg)
             return go
 
-        side.train = step
+        side.train = train_step_fn(v, device, batch, (crop, crop), inputs=(x, y))
         side.infer = {"whole": run(x[:1], {"mode": "whole"}), "slide": run(xi, dict(data["inference"]))}
         sides.append(side)
     return first, sides, conv.summary()
@@ -274,12 +262,6 @@ def check_equal(mm_model, ours, x: torch.Tensor) -> float:
     if rel > 1e-4:
         fail(f"logits differ (max |diff| / max |logit| = {rel:.2e} > 1e-4): the two networks are not the same")
     return rel
-
-
-def timed(fn, steps: int, device: torch.device) -> float:
-    from setr.benchmark.timing import timed as t
-
-    return t(fn, steps, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"same network: {converted['head']} {args.encoder} {args.crop}, {n} classes, out_indices "
           f"{converted['out_indices']}; fp32 logits max |diff| / max |logit| = {rel:.1e}", flush=True)
 
-    from setr.benchmark.timing import warm_up
+    from setr.benchmark.timing import timed, warm_up
     from setr.benchmark.train import PeakMemory
 
     sides = [s for pair in zip(mm, ours) for s in pair if s.skipped is None]

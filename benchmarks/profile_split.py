@@ -31,10 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path}: no bench result with a profile and a training rate ({type(e).__name__}: {e})",
               file=sys.stderr)
         return 2
-    times: dict[str, float] = {}
-    for r in rows:
-        times[r["name"]] = times.get(r["name"], 0.0) + float(r["self_ms"])
-    split = split_of(times, 1e3 / steps_per_s)
+    split = split_of(((r["name"], float(r["self_ms"])) for r in rows), 1e3 / steps_per_s)
     print(json.dumps({"source": path.as_posix(), "operators": len(rows), "split": split}))
     return 0
 

@@ -7,14 +7,7 @@
 #   bash scripts/bench_cpu.sh
 #   ONLY="peers_vitb_mla_512 vitb_mla_512_train" bash scripts/bench_cpu.sh   # run only the steps named
 set -u
-OUT=${OUT:-logs/bench_cpu}
-RESULTS=${RESULTS:-benchmarks/results}
-PY=${PYTHON:-.venv/bin/python}
-BUDGET=${BUDGET:-3600}
-START=$(date +%s)
-mkdir -p "$OUT" "$RESULTS"
-export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=0
-KIND=cpu
+KIND=cpu PY=${PYTHON:-.venv/bin/python} BUDGET=${BUDGET:-3600}
 . "$(dirname "$0")/bench_lib.sh"
 VITB="bench.device=cpu model/encoder=vit_base model.encoder.pretrained=none data.batch_size=2"
 

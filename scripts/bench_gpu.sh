@@ -10,15 +10,7 @@
 #   BUDGET=300 bash scripts/bench_gpu.sh   # stop starting new steps after 300 s (default 540: 9 minutes in all)
 #   ONLY="mla512_bf16 ckpt_768_b8" bash scripts/bench_gpu.sh   # run only the steps named
 set -u
-OUT=${OUT:-logs/bench_gpu}
-RESULTS=${RESULTS:-benchmarks/results}
-PY=${PYTHON:-python}
-BUDGET=${BUDGET:-540}
-START=$(date +%s)
-mkdir -p "$OUT" "$RESULTS"
-export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=0
-
-KIND=gpu
+KIND=gpu PY=${PYTHON:-python} BUDGET=${BUDGET:-540}
 . "$(dirname "$0")/bench_lib.sh"
 
 # a machine without network and without the project installed (the lent GPU machines): src/ on the path, and the

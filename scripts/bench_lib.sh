@@ -1,7 +1,14 @@
 # The step runner of scripts/bench_gpu.sh and scripts/bench_cpu.sh (sourced, not run): each step has its own
-# time limit within the script's BUDGET, and `recorded` steps go through benchmarks/record.py. Expects OUT,
-# RESULTS, PY, BUDGET, START and KIND (gpu | cpu: the result files' prefix) to be set.
+# time limit within the script's BUDGET, and `recorded` steps go through benchmarks/record.py. Expects KIND
+# (gpu | cpu: the result files' prefix), PY and BUDGET to be set; OUT (default logs/bench_$KIND) and RESULTS
+# (default benchmarks/results) may be. The clock starts when it is sourced.
 # shellcheck shell=bash
+
+OUT=${OUT:-logs/bench_$KIND}
+RESULTS=${RESULTS:-benchmarks/results}
+START=$(date +%s)
+mkdir -p "$OUT" "$RESULTS"
+export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=0
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 

@@ -5,7 +5,7 @@ and how much is everything else (copies, resizing, norms, softmax, elementwise).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,12 +25,16 @@ def is_matmul(name: str) -> bool:
     return bool(MATMUL.search(name))
 
 
-def split_of(times_ms: Mapping[str, float], step_ms: float) -> dict[str, Any]:
-    """Self time per step by name -> ``{"matmul_ms", "other_ms", "profiled_ms", "step_ms", "outside_share"}``:
-    ``outside_share`` = other / (matmul + other), the share of the step's operator time that is not matrix
-    products or attention (what a faster loss path, resize or norm can still take away)."""
-    mm = sum(t for n, t in times_ms.items() if is_matmul(n))
-    other = sum(t for n, t in times_ms.items() if not is_matmul(n))
+def split_of(times_ms: Iterable[tuple[str, float]], step_ms: float) -> dict[str, Any]:
+    """(operator or kernel name, self time per step) pairs -> ``{"matmul_ms", "other_ms", "profiled_ms",
+    "step_ms", "outside_share"}``: ``outside_share`` = other / (matmul + other), the share of the step's operator
+    time that is not matrix products or attention (what a faster loss path, resize or norm can still take away)."""
+    mm = other = 0.0
+    for name, t in times_ms:
+        if is_matmul(name):
+            mm += t
+        else:
+            other += t
     total = mm + other
     return {"matmul_ms": mm, "other_ms": other, "profiled_ms": total, "step_ms": step_ms,
             "outside_share": other / total if total > 0 else None}
@@ -57,13 +61,9 @@ def profile_train(step: Callable[[], None], steps: int, device: torch.device, ro
         return float(e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total)
 
     top = sorted(events, key=self_us, reverse=True)[:rows]
-    times: dict[str, float] = {}
-    for e in events:
-        if self_us(e) > 0:
-            times[e.key] = times.get(e.key, 0.0) + self_us(e) / 1e3 / steps
     return {"top": [{"name": e.key, "self_ms": self_us(e) / 1e3 / steps, "share": self_us(e) / 1e3 / steps / step_ms,
                      "calls": int(e.count) // steps} for e in top if self_us(e) > 0],
-            "split": split_of(times, step_ms)}
+            "split": split_of(((e.key, self_us(e) / 1e3 / steps) for e in events), step_ms)}
 
 
 def render_profile(profiled: Mapping[str, Any], title: str):

@@ -14,13 +14,18 @@ from setr.benchmark.timing import sync, timed
 from setr.benchmark.variant import Variant, autocast
 
 
-def train_step_fn(v: Variant, device: torch.device, batch: int, crop: tuple[int, int]) -> Callable[[], None]:
-    """One full training step of the built ``v`` on a fixed random batch of ``batch`` x ``crop``."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, *crop, generator=gen).to(device)
+def train_step_fn(v: Variant, device: torch.device, batch: int, crop: tuple[int, int],
+                  inputs: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable[[], None]:
+    """One full training step of the built ``v`` on a fixed random batch of ``batch`` x ``crop``, or on
+    ``inputs`` (images, labels) when given (a peer's step timed on the same batch)."""
+    if inputs is None:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, *crop, generator=gen).to(device)
+        y = torch.randint(0, v.model_cfg["num_classes"], (batch, *crop), generator=gen).to(device)
+    else:
+        x, y = inputs
     if v.precision == "bf16-true":
         x = x.to(torch.bfloat16)
-    y = torch.randint(0, v.model_cfg["num_classes"], (batch, *crop), generator=gen).to(device)
     module, optim, sched, scaler = v.module, v.optim, v.sched, v.scaler
 
     def step() -> None:
