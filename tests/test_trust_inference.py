@@ -121,6 +121,34 @@ def test_non_finite_logits_stop_inference(value, cfg):
     assert torch.isfinite(infer(_Spy(), x, cfg)).all()
 
 
+class _Fixed(torch.nn.Module):
+    """Returns the same logits whatever the input (float32, or the dtype of ``logits``)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_logit_anywhere_is_found(value, dtype):
+    """The check is one reduction (min and max) over the logits: a single bad value at the first, a middle or the
+    last position of a tensor whose size is no multiple of any vector width is found."""
+    from setr.inference import NonFiniteLogits, infer
+
+    x = torch.zeros(2, 3, 33, 47)
+    clean = torch.randn(2, 5, 33, 47).to(dtype)
+    for index in (0, clean.numel() // 2 + 7, clean.numel() - 1):
+        bad = clean.clone()
+        bad.view(-1)[index] = value
+        with pytest.raises(NonFiniteLogits):
+            infer(_Fixed(bad), x, {"mode": "whole"})
+    torch.testing.assert_close(infer(_Fixed(clean), x, {"mode": "whole"}), clean.float(), rtol=0, atol=0)
+
+
 def _nan_checkpoint(path: Path) -> Path:
     write_tiny_checkpoint(path, num_classes=3)
     ckpt = torch.load(path, weights_only=True)

