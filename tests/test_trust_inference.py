@@ -147,6 +147,8 @@ def test_one_non_finite_logit_anywhere_is_found(value, dtype):
         with pytest.raises(NonFiniteLogits):
             infer(_Fixed(bad), x, {"mode": "whole"})
     torch.testing.assert_close(infer(_Fixed(clean), x, {"mode": "whole"}), clean.float(), rtol=0, atol=0)
+    empty = torch.zeros(0, 5, 33, 47, dtype=dtype)  # nothing to check: no error from the reduction either
+    assert infer(_Fixed(empty), x[:0], {"mode": "whole"}).shape == (0, 5, 33, 47)
 
 
 def _nan_checkpoint(path: Path) -> Path:

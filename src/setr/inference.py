@@ -286,9 +286,10 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = No
                 lg = slide(model, xi, cfg["crop_size"], cfg["stride"], cfg.get("batch_size"))
             else:
                 lg = model(xi).float()
-            lo, hi = torch.aminmax(lg)  # NaN propagates to both; one pass, 10x cheaper than isfinite(lg).all()
-            ok = lo.isfinite() & hi.isfinite()
-            finite = ok if finite is None else finite & ok
+            if lg.numel():  # aminmax refuses an empty tensor (nothing to check there)
+                lo, hi = torch.aminmax(lg)  # NaN propagates to both; one pass, 10x cheaper than isfinite(lg).all()
+                ok = lo.isfinite() & hi.isfinite()
+                finite = ok if finite is None else finite & ok
             if flip:
                 lg = lg.flip(-1)
             if tuple(lg.shape[-2:]) != target:
@@ -296,7 +297,7 @@ def infer(model: torch.nn.Module, images: torch.Tensor, cfg: Mapping | None = No
             if average == "probs":
                 lg = lg.float().softmax(1)
             total = lg if total is None else total + lg
-    if not bool(finite):
+    if finite is not None and not bool(finite):
         raise NonFiniteLogits(
             f"logits: non-finite values (NaN/inf) in the network output for a batch of {images.shape[0]} "
             f"image(s) of {w}x{h} (mode {mode}); the checkpoint's weights or the inference settings are broken, "
